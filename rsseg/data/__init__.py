@@ -1,0 +1,1 @@
+"""Raster I/O, dataset preparation, tiling, torch datasets and transforms."""

@@ -1,0 +1,13 @@
+"""Project exceptions. Messages are one line that names the file or field and says what to do."""
+
+
+class UserError(Exception):
+    """Bad input from the user: entry points print it as one line and exit non-zero."""
+
+
+class DataError(UserError):
+    """A data file or folder cannot be used as given."""
+
+
+class ConfigError(UserError):
+    """A parameter or spec field is invalid."""
