@@ -58,7 +58,9 @@ class DatasetSpec:
     ignore_index: int = DEFAULT_IGNORE_INDEX
     nodata: int | None = None
     mask_encoding: str = "index"
-    mask_threshold: int | None = None  # for mask_encoding == "threshold": value >= threshold -> class 1
+    # "threshold": value >= mask_threshold -> class 1; "palette": each channel binarised at mask_threshold
+    # before the colour lookup (DeepGlobe masks carry JPEG noise).
+    mask_threshold: int | None = None
     palette: list[list[int]] | None = None  # [[r, g, b, class_index], ...] for mask_encoding == "palette"
     # Change task with semantic labels of both dates (SECOND/SenseEarth): class names of the semantic
     # maps, index 0 being "unchanged".

@@ -1,0 +1,1 @@
+"""MLflow entry points: thin modules that parse flags and call the rsseg library."""

@@ -1,0 +1,32 @@
+"""What every entry point shares: logging set-up and one-line errors with a non-zero exit."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from rsseg.config import add_arguments
+from rsseg.errors import UserError
+
+EXIT_USER_ERROR = 2
+
+
+def parser_for(config_cls: type, description: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    add_arguments(parser, config_cls)
+    return parser
+
+
+def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S")
+    for noisy in ("alembic", "mlflow.store", "urllib3"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        code = main(argv)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
+    sys.exit(code or 0)

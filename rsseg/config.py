@@ -1,0 +1,125 @@
+"""Typed run configurations. Defaults live here only: the CLI flags and the MLproject parameters are
+derived from (and tested against) these dataclasses."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from rsseg.errors import ConfigError
+
+
+def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:  # noqa: A002
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class PrepareConfig:
+    source: str = _opt("", "dataset folder in one of the seeds' layouts; empty: generate the embedded sea-ice dataset")
+    out: str = _opt("", "output folder for the manifest; empty: data/prepared/<dataset name>")
+    layout: str = _opt("auto", "folder layout", ("auto", "pairs", "palette", "change", "second"))
+    task: str = _opt("", "binary, multiclass or change; empty: from the layout and masks")
+    name: str = _opt("", "dataset name; empty: the source folder's name")
+    tile_size: int = _opt(512, "tile size in pixels")
+    overlap: int = _opt(64, "overlap between neighbouring tiles in pixels")
+    folds: int = _opt(3, "number of scene-level folds (fold k: train_k / val_k)")
+    val_fraction: float = _opt(0.1, "share of scenes in the holdout split (9:1 by default)")
+    seed: int = _opt(0, "seed for the scene splits")
+    classes: str = _opt("", "comma-separated class names (index order)")
+    palette: str = _opt("", "palette JSON for colour-coded masks (builtin: dubai, deepglobe)")
+    unknown_colors: str = _opt("error", "what to do with mask colours not in the palette", ("error", "ignore"))
+    mask_threshold: int = _opt(-1, "binary masks: value >= this is the target class (-1: masks are 0/255 or 0/1)")
+    bands: str = _opt("", "comma-separated 1-based band indexes in model order; empty: all bands")
+    ignore_index: int = _opt(255, "class index ignored by losses and metrics")
+    nodata: int = _opt(-1, "nodata value of the images (-1: none or from the files)")
+
+
+@dataclass
+class TrainConfig:
+    data: str = _opt("", "prepared dataset folder; empty: generate and prepare the embedded sea-ice dataset")
+    fold: int = _opt(-1, "validation fold (-1: the 9:1 holdout split)")
+    architecture: str = _opt("", "model name in the registry; empty: unet (siamese_unet for change data)")
+    encoder: str = _opt("tf_efficientnet_lite3", "timm encoder name")
+    encoder_weights: str = _opt("", "local file with pretrained encoder weights (none are downloaded)")
+    encoder_depth: int = _opt(4, "encoder stages used by unet-style models (the seed drops the 5th)")
+    epochs: int = _opt(20, "number of epochs")
+    batch_size: int = _opt(8, "tiles per batch (per process under torchrun)")
+    lr: float = _opt(1e-3, "peak learning rate")
+    weight_decay: float = _opt(1e-4, "weight decay")
+    optimizer: str = _opt("adamw", "optimizer", ("adamw", "sgd"))
+    momentum: float = _opt(0.9, "SGD momentum")
+    scheduler: str = _opt("cosine_restarts", "learning-rate schedule", ("cosine_restarts", "constant"))
+    restart_epochs: int = _opt(10, "CosineAnnealingWarmRestarts T_0 in epochs")
+    restart_mult: int = _opt(1, "CosineAnnealingWarmRestarts T_mult")
+    ce_weight: float = _opt(1.0, "weight of softmax cross-entropy in the loss")
+    dice_weight: float = _opt(1.0, "weight of class-wise Dice in the loss")
+    label_smoothing: float = _opt(0.0, "cross-entropy label smoothing")
+    class_weights: str = _opt("", "comma-separated cross-entropy class weights; empty: none")
+    augment: str = _opt("hflip,rot90", "comma-separated augmentations (hflip, vflip, rot90, transpose; none)")
+    normalization: str = _opt("spec", "per-band mean/std: the spec's (127.5/31.875) or measured", ("spec", "dataset"))
+    precision: str = _opt("fp32", "fp32, or bf16 autocast (opt-in; the seed warns against half precision)", ("fp32", "bf16"))
+    seed: int = _opt(0, "random seed")
+    workers: int = _opt(0, "data-loading worker processes")
+    max_train_tiles: int = _opt(0, "use at most this many training tiles per epoch (0: all)")
+    max_val_tiles: int = _opt(0, "validate on at most this many tiles (0: all)")
+    time_budget: float = _opt(0.0, "stop training after this many seconds, then validate and register (0: none)")
+    device: str = _opt("auto", "auto, cpu or cuda")
+    model_name: str = _opt("", "registered model name; empty: the task's default (rsseg-binary, ...)")
+    register: bool = _opt(True, "register the best epoch as a new model version")
+    checkpoint_dir: str = _opt("", "folder for resumable checkpoints; empty: runs/<run id>")
+    resume: str = _opt("", "checkpoint file to resume from")
+    overlays: int = _opt(4, "validation tiles drawn as prediction overlays")
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError(f"epochs must be at least 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
+
+
+def add_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
+    """One --flag per dataclass field, with its default, type, choices and help."""
+    for f in dataclasses.fields(config_cls):
+        flag = "--" + f.name.replace("_", "-")
+        kwargs: dict[str, Any] = {"dest": f.name, "default": f.default, "help": f.metadata.get("help", "")}
+        if f.type in ("bool", bool):
+            kwargs["type"] = _parse_bool
+        else:
+            kwargs["type"] = {"int": int, "float": float, "str": str}.get(str(f.type), str)
+        if f.metadata.get("choices"):
+            kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument(flag, **kwargs)
+
+
+def from_args(config_cls: type, args: argparse.Namespace) -> Any:
+    names = {f.name for f in dataclasses.fields(config_cls)}
+    return config_cls(**{k: v for k, v in vars(args).items() if k in names})
+
+
+def _parse_bool(value: str) -> bool:
+    lowered = str(value).strip().lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
+
+
+def split_list(value: str, cast: type = str) -> list[Any]:
+    """Comma-separated CLI lists: 'a, b' -> ['a', 'b']; '' -> []."""
+    try:
+        return [cast(v.strip()) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"cannot read {value!r} as a comma-separated list of {cast.__name__}") from None
+
+
+@dataclass
+class MainConfig:
+    """The README's end-to-end job: embedded defaults, brief training, registration."""
+
+    source: str = _opt("", "dataset folder in one of the seeds' layouts; empty: the generated sea-ice dataset")
+    epochs: int = _opt(3, "training epochs (brief, so the job finishes in minutes on a CPU)")
+    encoder: str = _opt("tf_efficientnet_lite3", "timm encoder name")
+    model_name: str = _opt("", "registered model name; empty: the task's default")

@@ -1,0 +1,124 @@
+"""Torch dataset over a prepared manifest: reads tile windows on demand, never copies pixels."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import albumentations as A
+import numpy as np
+import pandas as pd
+import torch
+from torch.utils.data import Dataset
+
+from rsseg.data.masks import mask_targets, read_mask
+from rsseg.data.raster import raster_info, read_window
+from rsseg.data.tiling import Window
+from rsseg.data.transforms import normalize
+from rsseg.errors import ConfigError, DataError
+from rsseg.spec import DatasetSpec
+
+# Images up to this many pixels are decoded once per worker and kept: PNG/JPEG cannot be read by
+# window without decoding the whole file, and the seeds' datasets are many small images.
+_CACHE_MAX_PIXELS = 4096 * 4096
+_CACHE_SCENES = 64
+
+
+@dataclass
+class PreparedData:
+    """A prepared dataset folder: spec, scenes and tiles (see rsseg.data.prepare)."""
+
+    root: Path
+    spec: DatasetSpec
+    scenes: pd.DataFrame
+    tiles: pd.DataFrame
+
+    @classmethod
+    def load(cls, root: str | Path) -> PreparedData:
+        root = Path(root)
+        for name in ("dataset_spec.json", "scenes.csv", "tiles.csv"):
+            if not (root / name).is_file():
+                raise DataError(
+                    f"{root}: not a prepared dataset ({name} missing); run prepare on your data first "
+                    "(mlflow run . -e prepare -P source=DIR)"
+                )
+        spec = DatasetSpec.load(root / "dataset_spec.json")
+        scenes = pd.read_csv(root / "scenes.csv", keep_default_na=False, dtype={"scene": str})
+        tiles = pd.read_csv(root / "tiles.csv", keep_default_na=False, dtype={"scene": str})
+        return cls(root, spec, scenes, tiles)
+
+    def split_tiles(self, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
+        """(train, val) tiles: the 9:1 split when fold < 0, else fold k is validation (train_k/val_k)."""
+        if fold < 0:
+            is_val = self.tiles["split"] == "val"
+        else:
+            folds = int(self.tiles["fold"].max()) + 1
+            if fold >= folds:
+                raise ConfigError(f"fold {fold}: the dataset at {self.root} has folds 0..{folds - 1}")
+            is_val = self.tiles["fold"] == fold
+        train, val = self.tiles[~is_val], self.tiles[is_val]
+        if train.empty or val.empty:
+            raise DataError(
+                f"{self.root}: the split leaves {len(train)} training and {len(val)} validation tiles; "
+                "prepare with more scenes or another --val-fraction"
+            )
+        return train.reset_index(drop=True), val.reset_index(drop=True)
+
+
+class TileDataset(Dataset):
+    """Samples are dicts: image (float32 CHW, normalised), targets {group: int64 HW}, scene, row, col."""
+
+    def __init__(self, data: PreparedData, tiles: pd.DataFrame, augmentation: A.Compose | None = None) -> None:
+        self.spec = data.spec
+        self.tiles = tiles.reset_index(drop=True)
+        self.scenes = data.scenes.set_index("scene")
+        self.augmentation = augmentation
+        self._cache: OrderedDict[str, np.ndarray] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    def _image(self, path: str, window: Window) -> np.ndarray:
+        return self._read(path, window, lambda w: read_window(path, w, self.spec.bands))
+
+    def _mask(self, path: str, window: Window) -> np.ndarray:
+        # read_mask, not read_window: colour-table masks must be expanded to RGB for palette decoding.
+        return self._read(path, window, lambda w: read_mask(path, self.spec, w))
+
+    def _read(self, path: str, window: Window, reader: Callable[[Window | None], np.ndarray]) -> np.ndarray:
+        if path not in self._cache:
+            info = raster_info(path)
+            if info.height * info.width > _CACHE_MAX_PIXELS:
+                return reader(window)
+            self._cache[path] = reader(None)
+            if len(self._cache) > _CACHE_SCENES:
+                self._cache.popitem(last=False)
+        self._cache.move_to_end(path)
+        whole = self._cache[path]
+        return whole[window.row : window.row + window.height, window.col : window.col + window.width]
+
+    def __getitem__(self, index: int) -> dict:
+        tile = self.tiles.iloc[index]
+        scene = self.scenes.loc[tile["scene"]]
+        window = Window(int(tile["row"]), int(tile["col"]), int(tile["size"]), int(tile["size"]))
+        image = self._image(scene["image"], window)
+        raw_mask = self._mask(scene["mask"], window)
+        raw_mask_b = None
+        if self.spec.task == "change":
+            image = np.concatenate([image, self._image(scene["image_b"], window)], axis=-1)
+            if scene["mask_b"]:
+                raw_mask_b = self._mask(scene["mask_b"], window)
+        targets = mask_targets(raw_mask, raw_mask_b, self.spec)
+        names = list(targets)
+        if self.augmentation is not None and self.augmentation.transforms:
+            out = self.augmentation(image=image, masks=[targets[n] for n in names])
+            image, targets = out["image"], dict(zip(names, out["masks"], strict=True))
+        return {
+            "image": torch.from_numpy(normalize(image, self.spec)),
+            "targets": {n: torch.from_numpy(np.ascontiguousarray(t).astype(np.int64)) for n, t in targets.items()},
+            "scene": tile["scene"],
+            "row": window.row,
+            "col": window.col,
+        }

@@ -1,0 +1,62 @@
+"""Normalisation (the one definition shared by training, export checks and serving) and augmentations.
+
+Augmentations are albumentations pipelines built from a short list of names and serialised with the
+run (`A.to_dict`), so what a model was trained with can be rebuilt from its MLflow artifacts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import albumentations as A
+import numpy as np
+
+from rsseg.errors import ConfigError
+from rsseg.spec import DatasetSpec
+
+# Name -> albumentations transform. Geometric ones only by default: they are safe for every band
+# count and dtype (the seed used HorizontalFlip and RandomRotate90).
+_AUGMENTATIONS = {
+    "hflip": lambda: A.HorizontalFlip(p=0.5),
+    "vflip": lambda: A.VerticalFlip(p=0.5),
+    "rot90": lambda: A.RandomRotate90(p=0.5),
+    "transpose": lambda: A.Transpose(p=0.5),
+}
+DEFAULT_AUGMENTATIONS = "hflip,rot90"
+
+
+def build_augmentation(names: str) -> A.Compose:
+    """`names` is a comma-separated list from `_AUGMENTATIONS` ("" or "none" for no augmentation)."""
+    wanted = [n.strip() for n in names.split(",") if n.strip() and n.strip() != "none"]
+    unknown = [n for n in wanted if n not in _AUGMENTATIONS]
+    if unknown:
+        raise ConfigError(f"augment: unknown name(s) {', '.join(unknown)}; choose from {', '.join(_AUGMENTATIONS)}")
+    return A.Compose([_AUGMENTATIONS[n]() for n in wanted])
+
+
+def augmentation_to_dict(transform: A.Compose) -> dict[str, Any]:
+    return A.to_dict(transform)
+
+
+def augmentation_from_dict(data: dict[str, Any]) -> A.Compose:
+    return A.from_dict(data)
+
+
+def input_mean_std(spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
+    """Per-input-channel mean/std: the spec's per-band values, repeated for both dates of a change pair."""
+    repeat = 2 if spec.task == "change" else 1
+    mean = np.asarray(spec.mean * repeat, dtype=np.float32)
+    std = np.asarray(spec.std * repeat, dtype=np.float32)
+    return mean, std
+
+
+def normalize(tile_hwc: np.ndarray, spec: DatasetSpec) -> np.ndarray:
+    """Raw uint8/uint16 HWC tile -> float32 CHW, (x - mean) / std per band.
+
+    The DALI preprocessing in the served ensemble computes exactly this; tests compare the two.
+    """
+    mean, std = input_mean_std(spec)
+    if tile_hwc.shape[-1] != mean.size:
+        raise ConfigError(f"tile has {tile_hwc.shape[-1]} bands, the spec expects {mean.size}")
+    out = (tile_hwc.astype(np.float32) - mean) / std
+    return np.ascontiguousarray(out.transpose(2, 0, 1))

@@ -1,0 +1,167 @@
+"""The only MLflow touchpoint: runs, params, metrics, artifacts, logged models and the registry."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+import torch
+from mlflow import MlflowClient
+from mlflow.models import infer_signature
+
+import rsseg
+from rsseg.plots import confusion_matrix_figure, overlays_figure
+from rsseg.spec import DEFAULT_MODEL_NAMES, ModelSpec
+from rsseg.training import TrainResult
+
+log = logging.getLogger(__name__)
+
+DEFAULT_EXPERIMENT = "rsseg"
+SPEC_FILE = "model_spec.json"
+# Registry tags on every version: the spec fields a promotion or client needs without downloading.
+_SPEC_TAGS = ("task", "architecture", "encoder", "tile_size", "in_channels")
+
+
+@contextmanager
+def start_run(run_name: str, experiment: str = DEFAULT_EXPERIMENT) -> Iterator[mlflow.ActiveRun]:
+    """A run; under `mlflow run` the project's run (MLFLOW_RUN_ID) is reused."""
+    if not os.environ.get("MLFLOW_RUN_ID") and mlflow.active_run() is None:
+        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", experiment))
+    with mlflow.start_run(run_name=None if os.environ.get("MLFLOW_RUN_ID") else run_name) as run:
+        yield run
+
+
+def log_config(config: Any, name: str) -> None:
+    """A resolved dataclass config: every field as a param and the whole as a JSON artifact."""
+    values = dataclasses.asdict(config)
+    mlflow.log_params({k: ("" if v is None else v) for k, v in values.items()})
+    mlflow.log_dict(values, f"config/{name}.json")
+
+
+def epoch_logger(step_offset: int = 0):
+    def on_epoch_end(epoch: int, metrics: dict[str, float]) -> None:
+        finite = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+        mlflow.log_metrics(finite, step=epoch + step_offset)
+
+    return on_epoch_end
+
+
+def log_dataset(prepared_root: Path) -> None:
+    """The dataset spec and statistics travel with the run."""
+    for name in ("dataset_spec.json", "stats.json"):
+        path = prepared_root / name
+        if path.is_file():
+            mlflow.log_artifact(str(path), artifact_path="dataset")
+
+
+def log_training_result(result: TrainResult, model_name: str | None, register: bool) -> dict[str, Any]:
+    """Log the best epoch's model (pytorch flavour + spec), its figures, and register a version.
+
+    Returns a summary: run id, model uri, registered name/version, best epoch and metrics.
+    """
+    spec = result.spec
+    run = mlflow.active_run()
+    assert run is not None, "log_training_result needs an active run"
+    spec.run_id = run.info.run_id
+    best = {k: v for k, v in result.best_metrics.items() if _finite(v)}
+    mlflow.log_metrics({f"best_{k}": v for k, v in best.items()})
+    mlflow.log_param("best_epoch", result.best_epoch)
+    mlflow.log_dict(result.augmentation, "config/augmentation.json")
+    _log_figure(confusion_matrix_figure(result.confusion, result.class_names), "figures/confusion_matrix.png")
+    if result.overlays:
+        colors = spec.dataset.colors if spec.dataset.task != "change" else [[0, 0, 0], [255, 255, 255]]
+        _log_figure(overlays_figure(result.overlays, colors), "figures/predictions.png")
+
+    name = model_name or DEFAULT_MODEL_NAMES[spec.dataset.task]
+    with tempfile.TemporaryDirectory() as tmp:
+        spec_path = Path(tmp) / SPEC_FILE
+        spec.model_name = name if register else None
+        spec.save(spec_path)
+        mlflow.log_artifact(str(spec_path))
+        example = np.zeros((1, spec.in_channels, spec.stride * 2, spec.stride * 2), dtype=np.float32)
+        with torch.no_grad():
+            output = result.model(torch.from_numpy(example)).numpy()
+        info = mlflow.pytorch.log_model(
+            result.model,
+            name="model",
+            signature=infer_signature(example, output),
+            input_example=example,
+            extra_files=[str(spec_path)],
+            code_paths=[str(Path(rsseg.__file__).parent)],
+            metadata={"model_spec": spec.to_dict()},
+            pip_requirements=_pip_requirements(),
+        )
+    summary: dict[str, Any] = {
+        "run_id": spec.run_id, "model_uri": info.model_uri, "best_epoch": result.best_epoch, "metrics": best,
+    }
+    if register:
+        version = mlflow.register_model(info.model_uri, name)
+        spec.model_version = str(version.version)
+        tag_version(name, str(version.version), spec, best)
+        summary.update(model_name=name, model_version=str(version.version))
+        log.info("registered %s version %s (best epoch %d)", name, version.version, result.best_epoch)
+    return summary
+
+
+def tag_version(name: str, version: str, spec: ModelSpec, metrics: dict[str, float]) -> None:
+    """Validation metrics and the model spec as version tags: promotion compares on these."""
+    client = MlflowClient()
+    for key, value in metrics.items():
+        if key.startswith("val_"):
+            client.set_model_version_tag(name, version, key, f"{value:.6g}")
+    spec_dict = spec.to_dict()
+    for key in _SPEC_TAGS:
+        client.set_model_version_tag(name, version, f"spec.{key}", str(spec_dict[key]))
+    client.set_model_version_tag(name, version, "spec.classes", json.dumps(spec.dataset.classes))
+    client.set_model_version_tag(name, version, "spec.bands", json.dumps(spec.dataset.bands))
+    client.set_model_version_tag(name, version, "spec.dataset", spec.dataset.name)
+    client.set_model_version_tag(name, version, "headline_metric", f"val_{spec.dataset.headline_metric}")
+    client.set_model_version_tag(name, version, "run_id", spec.run_id or "")
+
+
+def _log_figure(figure, path: str) -> None:
+    import matplotlib.pyplot as plt
+
+    mlflow.log_figure(figure, path)
+    plt.close(figure)
+
+
+def _finite(value: Any) -> bool:
+    try:
+        return math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _pip_requirements() -> list[str]:
+    """What loading the logged model needs (the package itself rides along in code_paths)."""
+    import timm
+
+    return [f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}", f"numpy=={np.__version__}"]
+
+
+def describe_version(name: str, version: str) -> str:
+    """A registered version as the registry reports it: name, version, run, headline and metrics."""
+    client = MlflowClient()
+    mv = client.get_model_version(name, version)
+    tags = dict(mv.tags)
+    headline = tags.get("headline_metric", "")
+    lines = [f"registered model {name} version {version} (run {mv.run_id}, tracking {mlflow.get_tracking_uri()})"]
+    if headline in tags:
+        lines.append(f"  {headline} = {tags[headline]}")
+    lines += [f"  {k} = {v}" for k, v in sorted(tags.items()) if k.startswith("val_") and k != headline]
+    return "\n".join(lines)
+
+
+def log_benchmark(row: dict[str, Any]) -> None:
+    mlflow.log_dict(row, "benchmark.json")

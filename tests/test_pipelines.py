@@ -1,0 +1,74 @@
+"""End to end through MLflow: `mlflow run . -e train --env-manager local` registers a version."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+from mlflow import MlflowClient
+
+from tests.conftest import PROJECT, TINY_ENCODER
+
+
+def _env(uri: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env["MLFLOW_TRACKING_URI"] = uri
+    env["PATH"] = f"{os.path.dirname(sys.executable)}:{env['PATH']}"
+    return env
+
+
+@pytest.mark.slow
+def test_mlflow_run_train_registers_a_version_with_metrics(seaice_prepared, mlflow_store, tmp_path):
+    cmd = [
+        os.path.join(os.path.dirname(sys.executable), "mlflow"), "run", str(PROJECT), "-e", "train",
+        "--env-manager", "local", "--experiment-name", "test-e2e",
+        "-P", f"data={seaice_prepared}", "-P", f"encoder={TINY_ENCODER}", "-P", "epochs=2",
+        "-P", "batch_size=4", "-P", f"checkpoint_dir={tmp_path / 'ckpt'}", "-P", "model_name=e2e-seaice",
+    ]
+    done = subprocess.run(cmd, env=_env(mlflow_store), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+    client = MlflowClient(mlflow_store)
+    versions = client.search_model_versions("name='e2e-seaice'")
+    assert len(versions) == 1
+    version = versions[0]
+    assert version.tags["headline_metric"] == "val_iou_target"
+    assert 0.0 <= float(version.tags["val_iou_target"]) <= 1.0
+    assert version.tags["spec.task"] == "binary" and version.tags["spec.encoder"] == TINY_ENCODER
+
+    run = client.get_run(version.run_id)
+    assert run.data.params["encoder"] == TINY_ENCODER
+    history = client.get_metric_history(run.info.run_id, "val_iou_target")
+    assert [m.step for m in history] == [1, 2]
+    artifacts = {a.path for a in client.list_artifacts(run.info.run_id)}
+    assert {"config", "dataset", "figures", "model_spec.json"} <= artifacts
+    figures = {a.path for a in client.list_artifacts(run.info.run_id, "figures")}
+    assert figures == {"figures/confusion_matrix.png", "figures/predictions.png"}
+    spec = json.loads(open(client.download_artifacts(run.info.run_id, "model_spec.json", str(tmp_path))).read())
+    assert spec["dataset"]["mean"] == [127.5] * 3 and spec["dataset"]["std"] == [31.875] * 3
+    assert spec["model_name"] == "e2e-seaice"
+
+    # The registered model loads back through MLflow and segments a tile.
+    import mlflow.pytorch
+    import torch
+
+    model = mlflow.pytorch.load_model(f"models:/e2e-seaice/{version.version}")
+    out = model(torch.zeros(1, 3, 64, 64))
+    assert out.shape == (1, 2, 64, 64)
+
+
+@pytest.mark.slow
+def test_prepare_entry_point_reports_bad_input_in_one_line(tmp_path, mlflow_store):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    done = subprocess.run([sys.executable, "-m", "pipelines.prepare", "--source", str(empty), "--out",
+                           str(tmp_path / "out")], cwd=PROJECT, env=_env(mlflow_store), capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2
+    lines = [line for line in done.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in done.stderr
+    assert lines[-1].startswith("error: ") and str(empty) in lines[-1]
+    assert not (tmp_path / "out").exists()

@@ -1,0 +1,109 @@
+"""Training loop: learns, validates with the task's metrics, checkpoints and resumes exactly."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from rsseg.data.datasets import PreparedData, TileDataset
+from rsseg.data.transforms import build_augmentation, normalize
+from rsseg.errors import ConfigError
+from rsseg.training import train
+from tests.conftest import tiny_config
+
+
+def test_dataset_samples_are_normalised_tiles_with_targets(seaice_prepared):
+    data = PreparedData.load(seaice_prepared)
+    train_tiles, val_tiles = data.split_tiles(-1)
+    assert set(train_tiles["scene"]).isdisjoint(set(val_tiles["scene"]))
+    sample = TileDataset(data, train_tiles)[0]
+    assert sample["image"].shape == (3, 64, 64) and sample["image"].dtype == torch.float32
+    assert set(sample["targets"]) == {"classes"}
+    assert set(np.unique(sample["targets"]["classes"].numpy())) <= {0, 1}
+    # Normalisation is the spec's (127.5 / 31.875): 255 -> 4.0, 0 -> -4.0.
+    assert sample["image"].max() <= 4.0 + 1e-6 and sample["image"].min() >= -4.0 - 1e-6
+
+
+def test_augmentation_keeps_image_and_masks_aligned(change_prepared):
+    data = PreparedData.load(change_prepared)
+    plain = TileDataset(data, data.tiles)[0]
+    flipped = TileDataset(data, data.tiles, build_augmentation("hflip"))
+    torch.manual_seed(0)
+    np.random.seed(0)
+    seen_flip = False
+    for _ in range(20):
+        sample = flipped[0]
+        if torch.equal(sample["image"], plain["image"].flip(-1)):
+            seen_flip = True
+            for name, target in plain["targets"].items():
+                assert torch.equal(sample["targets"][name], target.flip(-1))
+    assert seen_flip
+
+
+def test_normalize_rejects_wrong_band_count(seaice_prepared):
+    spec = PreparedData.load(seaice_prepared).spec
+    with pytest.raises(ConfigError, match="bands"):
+        normalize(np.zeros((8, 8, 4), np.uint8), spec)
+
+
+def test_binary_training_learns_and_reports_task_metrics(seaice_prepared, tmp_path):
+    data = PreparedData.load(seaice_prepared)
+    epochs = []
+    result = train(tiny_config(seaice_prepared, tmp_path, epochs=3, lr=3e-3), data,
+                   on_epoch_end=lambda e, m: epochs.append((e, m)))
+    assert [e for e, _ in epochs] == [1, 2, 3]
+    metrics = epochs[-1][1]
+    for key in ("val_iou_target", "val_f1_target", "val_miou", "val_oa", "val_fwiou", "val_kappa",
+                "val_precision_target", "val_recall_target", "train_loss", "val_loss"):
+        assert key in metrics, key
+    losses = [m["train_loss"] for _, m in epochs]
+    assert losses[-1] < losses[0]
+    assert result.best_epoch in (1, 2, 3)
+    assert result.best_metrics["val_iou_target"] == max(m["val_iou_target"] for _, m in epochs
+                                                        if not math.isnan(m["val_iou_target"]))
+    assert result.confusion.shape == (2, 2) and result.confusion.sum() > 0
+    assert result.spec.in_channels == 3 and result.spec.tile_size == 64
+    assert result.spec.outputs[0].channels == 2
+    assert len(result.overlays) == 2
+    assert (tmp_path / "ckpt" / "last.pt").is_file()
+
+
+def test_resume_continues_where_the_run_stopped(seaice_prepared, tmp_path):
+    data = PreparedData.load(seaice_prepared)
+    straight = train(tiny_config(seaice_prepared, tmp_path / "a", epochs=2, augment="none"), data)
+    first = train(tiny_config(seaice_prepared, tmp_path / "b", epochs=1, augment="none"), data)
+    assert len(first.history) == 1
+    resumed = train(tiny_config(seaice_prepared, tmp_path / "c", epochs=2, augment="none",
+                                resume=str(tmp_path / "b" / "ckpt" / "last.pt")), data)
+    assert [h["epoch"] for h in resumed.history] == [1, 2]
+    # Same data order, same RNG, same weights: the resumed run ends where the straight run ended.
+    assert resumed.history[-1]["train_loss"] == pytest.approx(straight.history[-1]["train_loss"], rel=1e-4)
+    for key, value in straight.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_change_training_with_semantic_heads(change_prepared, tmp_path):
+    data = PreparedData.load(change_prepared)
+    assert data.spec.task == "change" and data.spec.has_semantic
+    result = train(tiny_config(change_prepared, tmp_path, epochs=1), data)
+    assert result.spec.architecture == "siamese_unet"
+    assert result.spec.in_channels == 6
+    assert [g.name for g in result.spec.outputs] == ["change", "semantic_a", "semantic_b"]
+    for key in ("val_change_iou", "val_change_f1", "val_sek", "val_score"):
+        assert key in result.best_metrics
+
+
+def test_time_budget_stops_training(seaice_prepared, tmp_path):
+    data = PreparedData.load(seaice_prepared)
+    result = train(tiny_config(seaice_prepared, tmp_path, epochs=50, time_budget=0.01), data)
+    assert result.stopped_by_budget and len(result.history) == 1
+
+
+def test_tile_size_must_fit_the_model_stride(seaice_prepared, tmp_path):
+    data = PreparedData.load(seaice_prepared)
+    data.tiles["size"] = 40
+    with pytest.raises(ConfigError, match="multiple of"):
+        train(tiny_config(seaice_prepared, tmp_path), data)
