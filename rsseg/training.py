@@ -260,7 +260,7 @@ def _train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, confi
         optimizer.step()
         if config.scheduler == "cosine_restarts":
             scheduler.step(epoch - 1 + (step + 1) / steps)
-        total_loss += float(loss) * images.shape[0]
+        total_loss += float(loss.detach()) * images.shape[0]
         total_tiles += images.shape[0]
         elapsed = time.monotonic() - epoch_start
         bar.set_postfix(loss=f"{total_loss / total_tiles:.4f}", tiles_s=f"{total_tiles / elapsed:.2f}")

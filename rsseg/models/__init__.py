@@ -1,0 +1,24 @@
+"""Model zoo chosen by name: `create_model("unet", "tf_efficientnet_lite3", 3, outputs)`.
+
+Every model maps (N, in_channels, H, W) to raw logits (N, sum(outputs.channels), H, W) and has `stride`
+(H and W must be multiples of it), `outputs`, `in_channels` and `encoder` (the timm feature extractor).
+"""
+
+from rsseg.models import change, deeplab, unet  # noqa: F401  (registers the architectures)
+from rsseg.models.registry import (
+    SegmentationModel,
+    create_model,
+    list_models,
+    model_kwargs,
+    model_tasks,
+    register_model,
+)
+
+__all__ = [
+    "SegmentationModel",
+    "create_model",
+    "list_models",
+    "model_kwargs",
+    "model_tasks",
+    "register_model",
+]
