@@ -28,8 +28,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "rsseg"
 SPEC_FILE = "model_spec.json"
-# Registry tags on every version: the spec fields a promotion or client needs without downloading.
-_SPEC_TAGS = ("task", "architecture", "encoder", "tile_size", "in_channels")
 
 
 @contextmanager
@@ -44,7 +42,11 @@ def start_run(run_name: str, experiment: str = DEFAULT_EXPERIMENT) -> Iterator[m
 def log_config(config: Any, name: str) -> None:
     """A resolved dataclass config: every field as a param and the whole as a JSON artifact."""
     values = dataclasses.asdict(config)
-    mlflow.log_params({k: ("" if v is None else v) for k, v in values.items()})
+    run = mlflow.active_run()
+    # Under `mlflow run` the project's -P parameters are already params of this run (MLflow logs them
+    # quoted); params cannot change, so only the rest is added. The JSON artifact is the resolved truth.
+    logged = set(MlflowClient().get_run(run.info.run_id).data.params) if run else set()
+    mlflow.log_params({k: _param(v) for k, v in values.items() if k not in logged})
     mlflow.log_dict(values, f"config/{name}.json")
 
 
@@ -100,33 +102,38 @@ def log_training_result(result: TrainResult, model_name: str | None, register: b
             code_paths=[str(Path(rsseg.__file__).parent)],
             metadata={"model_spec": spec.to_dict()},
             pip_requirements=_pip_requirements(),
+            # A pickled module keeps dynamic tile sizes (MLflow 3's pt2 default pins the example shape).
+            serialization_format="pickle",
         )
     summary: dict[str, Any] = {
         "run_id": spec.run_id, "model_uri": info.model_uri, "best_epoch": result.best_epoch, "metrics": best,
     }
     if register:
-        version = mlflow.register_model(info.model_uri, name)
+        # Tags go in with the version, so no version exists without its metrics.
+        version = mlflow.register_model(info.model_uri, name, tags=version_tags(spec, best))
         spec.model_version = str(version.version)
-        tag_version(name, str(version.version), spec, best)
         summary.update(model_name=name, model_version=str(version.version))
         log.info("registered %s version %s (best epoch %d)", name, version.version, result.best_epoch)
     return summary
 
 
-def tag_version(name: str, version: str, spec: ModelSpec, metrics: dict[str, float]) -> None:
-    """Validation metrics and the model spec as version tags: promotion compares on these."""
-    client = MlflowClient()
-    for key, value in metrics.items():
-        if key.startswith("val_"):
-            client.set_model_version_tag(name, version, key, f"{value:.6g}")
-    spec_dict = spec.to_dict()
-    for key in _SPEC_TAGS:
-        client.set_model_version_tag(name, version, f"spec.{key}", str(spec_dict[key]))
-    client.set_model_version_tag(name, version, "spec.classes", json.dumps(spec.dataset.classes))
-    client.set_model_version_tag(name, version, "spec.bands", json.dumps(spec.dataset.bands))
-    client.set_model_version_tag(name, version, "spec.dataset", spec.dataset.name)
-    client.set_model_version_tag(name, version, "headline_metric", f"val_{spec.dataset.headline_metric}")
-    client.set_model_version_tag(name, version, "run_id", spec.run_id or "")
+def version_tags(spec: ModelSpec, metrics: dict[str, float]) -> dict[str, str]:
+    """Validation metrics and the spec's key fields as version tags: promotion compares on these."""
+    tags = {k: f"{v:.6g}" for k, v in metrics.items() if k.startswith("val_")}
+    tags.update({
+        "headline_metric": f"val_{spec.dataset.headline_metric}",
+        "run_id": spec.run_id or "",
+        "spec.task": spec.dataset.task,
+        "spec.dataset": spec.dataset.name,
+        "spec.classes": json.dumps(spec.dataset.classes),
+        "spec.bands": json.dumps(spec.dataset.bands),
+        "spec.dtype": spec.dataset.dtype,
+        "spec.architecture": spec.architecture,
+        "spec.encoder": spec.encoder,
+        "spec.in_channels": str(spec.in_channels),
+        "spec.tile_size": str(spec.tile_size),
+    })
+    return tags
 
 
 def _log_figure(figure, path: str) -> None:
@@ -134,6 +141,12 @@ def _log_figure(figure, path: str) -> None:
 
     mlflow.log_figure(figure, path)
     plt.close(figure)
+
+
+def _param(value: Any) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return "" if value is None else str(value)
 
 
 def _finite(value: Any) -> bool:
