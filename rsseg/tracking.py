@@ -27,6 +27,9 @@ from rsseg.training import TrainResult
 log = logging.getLogger(__name__)
 
 DEFAULT_EXPERIMENT = "rsseg"
+# Aggregate validation metrics worth a line in a summary (per-class ones stay in the registry).
+_SUMMARY_METRICS = ("val_miou", "val_fwiou", "val_oa", "val_kappa", "val_mean_f1", "val_f1_target",
+                    "val_change_iou", "val_change_f1", "val_sek", "val_score", "val_loss")
 SPEC_FILE = "model_spec.json"
 
 
@@ -172,7 +175,7 @@ def describe_version(name: str, version: str) -> str:
     lines = [f"registered model {name} version {version} (run {mv.run_id}, tracking {mlflow.get_tracking_uri()})"]
     if headline in tags:
         lines.append(f"  {headline} = {tags[headline]}")
-    lines += [f"  {k} = {v}" for k, v in sorted(tags.items()) if k.startswith("val_") and k != headline]
+    lines += [f"  {k} = {tags[k]}" for k in _SUMMARY_METRICS if k in tags and k != headline]
     return "\n".join(lines)
 
 

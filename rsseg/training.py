@@ -102,10 +102,9 @@ class Evaluator:
     def compute(self) -> dict[str, float]:
         if self.spec.dataset.task == "change":
             return self.change.compute()
-        metrics = self.confusion.compute(self.spec.dataset.classes)
         if self.spec.dataset.task == "binary":
-            metrics.update(binary_metrics(self.confusion))
-        return metrics
+            return binary_metrics(self.confusion, self.spec.dataset.classes)
+        return self.confusion.compute(self.spec.dataset.classes)
 
 
 def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback | None = None) -> TrainResult:
