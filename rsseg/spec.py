@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from rsseg.atomic import write_text_atomically
 from rsseg.errors import ConfigError
 
 TASKS = ("binary", "multiclass", "change")
@@ -200,10 +201,7 @@ def _from_dict(cls: type, data: dict[str, Any], what: str) -> Any:
 
 
 def _write_json(path: str | Path, data: dict[str, Any]) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
-    tmp.replace(path)
+    write_text_atomically(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def _read_json(path: str | Path) -> dict[str, Any]:

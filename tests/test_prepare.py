@@ -16,8 +16,20 @@ import pandas as pd
 import pytest
 import rasterio
 
-from rsseg.data.masks import change_targets, decode_mask, decode_palette, mask_targets, pack_rgb, read_mask
-from rsseg.data.prepare import collect_scenes, detect_layout, load_palette, prepare_dataset
+from rsseg.data.masks import (
+    change_targets,
+    decode_mask,
+    decode_palette,
+    mask_targets,
+    pack_rgb,
+    read_mask,
+)
+from rsseg.data.prepare import (
+    collect_scenes,
+    detect_layout,
+    load_palette,
+    prepare_dataset,
+)
 from rsseg.data.raster import read_window
 from rsseg.data.synthetic import (
     generate_change,

@@ -16,11 +16,8 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import sys
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,7 +30,14 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window as RioWindow
 from tqdm import tqdm
 
-from rsseg.data.masks import binarize_rgb, colormap_lut, decode_palette, pack_rgb, unpack_rgb
+from rsseg.atomic import write_dir_atomically
+from rsseg.data.masks import (
+    binarize_rgb,
+    colormap_lut,
+    decode_palette,
+    pack_rgb,
+    unpack_rgb,
+)
 from rsseg.data.raster import IMAGE_SUFFIXES, RasterInfo, list_images, raster_info
 from rsseg.data.synthetic import GENERATED_MARKER
 from rsseg.data.tiling import grid_windows
@@ -945,27 +949,15 @@ def _write_output(
     out: Path, spec: DatasetSpec, scene_df: pd.DataFrame, tile_df: pd.DataFrame, stats: dict[str, Any]
 ) -> Path:
     """Write into a temp folder beside `out`, then swap it in: `out` is never half-written."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+
+    def fill(tmp: Path) -> None:
         scene_df.to_csv(tmp / "scenes.csv", index=False)
         tile_df.to_csv(tmp / "tiles.csv", index=False)
         spec.save(tmp / "dataset_spec.json")
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
 
+    return write_dir_atomically(out, fill)
 
-# ------------------------------------------------------------------------------------------------------ CLI
 
 
 def _color(value: Any, path: Path, where: str) -> list[int]:

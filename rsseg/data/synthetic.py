@@ -9,18 +9,16 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
-import tempfile
 import warnings
-from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import rasterio
-from rasterio.transform import Affine
 from rasterio.errors import NotGeoreferencedWarning
+from rasterio.transform import Affine
 from rasterio.warp import transform as warp_transform
+
+from rsseg.atomic import write_dir_atomically
 
 log = logging.getLogger(__name__)
 
@@ -136,26 +134,6 @@ def smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float)
     return out / std if std > 0 else out
 
 
-def _write_atomically(out: str | Path, fill: Callable[[Path], None]) -> Path:
-    """Build the folder in a temp dir beside `out` and rename it into place (replacing `out` last)."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        fill(tmp)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return out
-
-
 def _mark_generated(folder: Path, generator: str, seed: int, name: str, classes: list[str], params: dict) -> None:
     marker = {"generator": f"rsseg.data.synthetic.{generator}", "seed": seed, "name": name, "classes": classes,
               "params": params}
@@ -245,7 +223,7 @@ def generate_seaice(out: str | Path, *, scenes: int = 8, size: int = 512, seed: 
         _mark_generated(tmp, "generate_seaice", seed, "generated-seaice", ["background", "ice"],
                         {"scenes": scenes, "size": size})
 
-    path = _write_atomically(out, fill)
+    path = write_dir_atomically(out, fill)
     log.info("generated %d sea-ice scenes of %dx%d in %s", scenes, size, size, path)
     return path
 
@@ -332,7 +310,7 @@ def generate_change(
                             ["unchanged"] + [f"class_{j}" for j in range(1, k)],
                             {"pairs": pairs, "size": size, "semantic_classes": k})
 
-    return _write_atomically(out, fill)
+    return write_dir_atomically(out, fill)
 
 
 # ----------------------------------------------------------------------------------------------- land cover
@@ -382,4 +360,4 @@ def generate_landcover(
         _mark_generated(tmp, "generate_landcover", seed, "generated-landcover",
                         [c["name"] for c in palette["classes"]], {"scenes": scenes, "size": size})
 
-    return _write_atomically(out, fill)
+    return write_dir_atomically(out, fill)

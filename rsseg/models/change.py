@@ -16,7 +16,14 @@ import torch
 from torch import nn
 
 from rsseg.errors import ConfigError
-from rsseg.models.blocks import ConvBNReLU, SegmentationHead, UNetDecoder, init_decoder, int_tuple, make_attention
+from rsseg.models.blocks import (
+    ConvBNReLU,
+    SegmentationHead,
+    UNetDecoder,
+    init_decoder,
+    int_tuple,
+    make_attention,
+)
 from rsseg.models.encoders import create_encoder, feature_levels
 from rsseg.models.registry import SegmentationModel, register_model
 from rsseg.models.unet import DEFAULT_DECODER_CHANNELS, select_unet_levels
