@@ -61,8 +61,9 @@ def benchmark_config(name: str, data: Path, budget: float) -> TrainConfig:
 def baselines(result: TrainResult) -> dict[str, float]:
     """Headline metric of constant predictions on the same validation pixels.
 
-    Binary: all-target gives IoU = target share, all-background gives 0. Multiclass: the majority class
-    everywhere gives IoU = its share for that class and 0 for the others (mIoU over classes present).
+    Binary and change: predicting the positive class everywhere gives IoU = its share p and F1 = 2p/(1+p);
+    predicting none gives 0. Multiclass: the majority class everywhere gives IoU = its share for that
+    class and 0 for the others (mIoU over the classes present).
     """
     counts = np.asarray(result.confusion, dtype=np.float64).sum(axis=1)  # reference pixels per class
     total = counts.sum()
@@ -71,6 +72,7 @@ def baselines(result: TrainResult) -> dict[str, float]:
     task = result.spec.dataset.task
     if task in ("binary", "change"):
         share = counts[1] / total
-        return {"all_positive": float(share), "all_negative": 0.0}
+        f1 = "f1" in result.spec.dataset.headline_metric
+        return {"all_positive": float(2 * share / (1 + share) if f1 else share), "all_negative": 0.0}
     present = counts > 0
     return {"majority_class": float(counts.max() / total / present.sum())}

@@ -72,3 +72,18 @@ def test_prepare_entry_point_reports_bad_input_in_one_line(tmp_path, mlflow_stor
     assert "Traceback" not in done.stderr
     assert lines[-1].startswith("error: ") and str(empty) in lines[-1]
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_torchrun_ddp_trains_on_two_cpu_processes_and_registers_once(seaice_prepared, mlflow_store, tmp_path):
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--nproc-per-node", "2", "--master-port", "29517", "-m", "pipelines.train",
+           "--data", str(seaice_prepared), "--encoder", TINY_ENCODER, "--epochs", "1", "--batch-size", "2",
+           "--checkpoint-dir", str(tmp_path / "ckpt"), "--model-name", "ddp-seaice"]
+    env = _env(mlflow_store)
+    env["OMP_NUM_THREADS"] = "1"
+    done = subprocess.run(cmd, cwd=PROJECT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    versions = MlflowClient(mlflow_store).search_model_versions("name='ddp-seaice'")
+    assert len(versions) == 1  # rank 0 alone logs and registers
+    assert "val_iou_target" in versions[0].tags
