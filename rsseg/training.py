@@ -160,6 +160,9 @@ def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback |
     stopped_by_budget = False
     for epoch in range(start_epoch, config.epochs + 1):
         sampler = _train_sampler(train_set, config, epoch, distributed)
+        # Albumentations keeps its own RNG: seed it per epoch (and rank) so runs and resumed runs repeat.
+        # With worker processes each worker holds a copy; albumentations offsets them by worker id.
+        augmentation.set_random_seed(config.seed * 100_003 + epoch * 101 + rank)
         loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers,
                             drop_last=len(sampler) > config.batch_size, persistent_workers=False)
         train_loss, tiles_per_s, stopped_by_budget = _train_one_epoch(

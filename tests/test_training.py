@@ -73,16 +73,24 @@ def test_binary_training_learns_and_reports_task_metrics(seaice_prepared, tmp_pa
 
 def test_resume_continues_where_the_run_stopped(seaice_prepared, tmp_path):
     data = PreparedData.load(seaice_prepared)
-    straight = train(tiny_config(seaice_prepared, tmp_path / "a", epochs=2, augment="none"), data)
-    first = train(tiny_config(seaice_prepared, tmp_path / "b", epochs=1, augment="none"), data)
+    straight = train(tiny_config(seaice_prepared, tmp_path / "a", epochs=2), data)
+    first = train(tiny_config(seaice_prepared, tmp_path / "b", epochs=1), data)
     assert len(first.history) == 1
-    resumed = train(tiny_config(seaice_prepared, tmp_path / "c", epochs=2, augment="none",
+    resumed = train(tiny_config(seaice_prepared, tmp_path / "c", epochs=2,
                                 resume=str(tmp_path / "b" / "ckpt" / "last.pt")), data)
     assert [h["epoch"] for h in resumed.history] == [1, 2]
-    # Same data order, same RNG, same weights: the resumed run ends where the straight run ended.
+    # Same data order, same augmentations, same RNG, same weights: the resumed run ends where the
+    # straight run ended.
     assert resumed.history[-1]["train_loss"] == pytest.approx(straight.history[-1]["train_loss"], rel=1e-4)
     for key, value in straight.model.state_dict().items():
         torch.testing.assert_close(resumed.model.state_dict()[key], value, rtol=1e-4, atol=1e-5)
+
+
+def test_training_is_reproducible_across_runs(seaice_prepared, tmp_path):
+    data = PreparedData.load(seaice_prepared)
+    one = train(tiny_config(seaice_prepared, tmp_path / "a", epochs=1), data)
+    two = train(tiny_config(seaice_prepared, tmp_path / "b", epochs=1), data)
+    assert one.history[-1]["train_loss"] == two.history[-1]["train_loss"]
 
 
 def test_change_training_with_semantic_heads(change_prepared, tmp_path):
