@@ -13,5 +13,8 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ scripts/setup.sh -n
     # torch and torchvision together first: the team's machines serve these two from local disk.
     .venv/bin/pip install --quiet "torch==2.14.1" "torchvision==0.29.1"
     .venv/bin/pip install --quiet -e ".[dev]"
+    # The Triton Inference Server binary (with the Python backend) ships in this wheel; only the binary
+    # is used, so its Python dependencies (numpy<2 among them) are not installed.
+    .venv/bin/pip install --quiet --no-deps "nvidia-pytriton==0.7.0"
     touch "$stamp"
 fi
