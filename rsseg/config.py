@@ -123,3 +123,19 @@ class MainConfig:
     epochs: int = _opt(3, "training epochs (brief, so the job finishes in minutes on a CPU)")
     encoder: str = _opt("tf_efficientnet_lite3", "timm encoder name")
     model_name: str = _opt("", "registered model name; empty: the task's default")
+
+
+@dataclass
+class PromoteConfig:
+    model_name: str = _opt("rsseg-binary", "registered model whose versions compete")
+    metric: str = _opt("", "validation metric tag to compare on (empty: each version's headline_metric)")
+    margin: float = _opt(0.0, "how much the candidate must beat the current champion by")
+    min_value: float = _opt(-1.0, "refuse candidates whose metric is below this (-1: no minimum)")
+    version: str = _opt("", "promote this version instead of the best one (still checked against the champion)")
+    repo: str = _opt("triton_repo", "Triton model repository to write into")
+    instance_kind: str = _opt("auto", "Triton instance kind for preprocess and segmenter", ("auto", "cpu", "gpu"))
+    max_batch_size: int = _opt(8, "Triton max batch size of every model in the ensemble")
+    tta: str = _opt("none", "test-time augmentation served by default (none, flips, d4)", ("none", "flips", "d4"))
+    opset: int = _opt(17, "ONNX opset (>= 17)")
+    atol: float = _opt(1e-3, "largest ONNX Runtime vs PyTorch logit difference accepted")
+    rollback: bool = _opt(False, "serve the previously promoted version again instead of promoting")

@@ -11,3 +11,9 @@ class DataError(UserError):
 
 class ConfigError(UserError):
     """A parameter or spec field is invalid."""
+
+
+class PromotionRefused(UserError):
+    """The candidate version does not beat the champion or the minimum: nothing was changed."""
+
+    exit_code = 3

@@ -181,3 +181,56 @@ def describe_version(name: str, version: str) -> str:
 
 def log_benchmark(row: dict[str, Any]) -> None:
     mlflow.log_dict(row, "benchmark.json")
+
+
+# ---------------------------------------------------------------------------------------- the registry
+
+
+def model_versions(name: str) -> list[Any]:
+    return MlflowClient().search_model_versions(f"name='{name}'")
+
+
+def alias_version(name: str, alias: str) -> str | None:
+    """The version an alias points at, or None when the alias (or the model) does not exist."""
+    try:
+        return str(MlflowClient().get_model_version_by_alias(name, alias).version)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+def load_registered(name: str, version: str) -> tuple[torch.nn.Module, ModelSpec]:
+    """A registered version's PyTorch model (eval, CPU) and its model spec (name/version filled in)."""
+    model = mlflow.pytorch.load_model(f"models:/{name}/{version}", map_location="cpu").eval()
+    run_id = MlflowClient().get_model_version(name, version).run_id
+    with tempfile.TemporaryDirectory() as tmp:
+        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=SPEC_FILE, dst_path=tmp)
+        spec = ModelSpec.load(path)
+    spec.model_name, spec.model_version, spec.run_id = name, str(version), run_id
+    return model, spec
+
+
+def set_champion(name: str, version: str, previous: str | None, tags: dict[str, str]) -> None:
+    """Point `champion` at `version` and `previous` at the version it replaces (or remove it)."""
+    client = MlflowClient()
+    if previous is not None:
+        client.set_registered_model_alias(name, "previous", previous)
+    elif alias_version(name, "previous") is not None:
+        client.delete_registered_model_alias(name, "previous")
+    client.set_registered_model_alias(name, "champion", version)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+
+
+def log_promotion(summary: dict[str, Any], history: Path) -> None:
+    """Each promotion or rollback is a run of its own: which version, why, and the checks' figures."""
+    with start_run(run_name=f"{summary['action']}-{summary['model_name']}-v{summary['version']}",
+                   experiment="rsseg-promotions"):
+        mlflow.log_params({k: _param(summary[k]) for k in ("action", "model_name", "version") if k in summary})
+        mlflow.set_tag("reason", summary.get("reason", summary["action"]))
+        parity = summary.get("parity") or {}
+        if "max_abs_diff" in parity:
+            mlflow.log_metric("onnx_max_abs_logit_diff", parity["max_abs_diff"])
+        mlflow.log_metric("served_pixels_agree", summary["served_check"]["pixels_agree"])
+        mlflow.log_dict(summary, "promotion.json")
+        if history.is_file():
+            mlflow.log_artifact(str(history))

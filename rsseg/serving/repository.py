@@ -1,0 +1,286 @@
+"""The Triton model repository: configs generated from the model spec, numbered versions, rollback.
+
+For a promoted model NAME the repository holds Python-backend models NAME-preprocess (DALI),
+NAME-segmenter (ONNX Runtime) and NAME-postprocess, tied by the ensemble NAME; for 3-band uint8 models
+also NAME-decode and the ensemble NAME-files, which take encoded image files. Every change is made on a
+copy and swapped in whole (`rsseg.atomic.write_dir_atomically`): `triton_repo/` is never half-written.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from rsseg.atomic import write_dir_atomically
+from rsseg.errors import ConfigError
+from rsseg.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+MODELS_DIR = Path(__file__).resolve().parent / "triton_models"
+HISTORY_FILE = "history.json"
+SPEC_FILE = "model_spec.json"
+ONNX_FILE = "model.onnx"
+KEEP_VERSIONS = 3  # the served version and two to roll back to
+TRITON_DTYPES = {"uint8": "TYPE_UINT8", "uint16": "TYPE_UINT16"}
+BYTES_PER_SAMPLE = {"uint8": 1, "uint16": 2}
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    instance_kind: str = "cpu"  # "cpu" or "gpu": KIND_CPU / KIND_GPU for preprocess and segmenter
+    max_batch_size: int = 8
+    instances: int = 1
+    tta: str = "none"
+    queue_delay_us: int = 2000
+
+    def __post_init__(self) -> None:
+        if self.instance_kind not in ("cpu", "gpu"):
+            raise ConfigError(f"instance kind must be cpu or gpu, got {self.instance_kind!r}")
+        if self.max_batch_size < 1:
+            raise ConfigError(f"max batch size must be at least 1, got {self.max_batch_size}")
+
+
+def step_names(name: str) -> dict[str, str]:
+    return {"preprocess": f"{name}-preprocess", "segmenter": f"{name}-segmenter",
+            "postprocess": f"{name}-postprocess", "decode": f"{name}-decode", "files": f"{name}-files"}
+
+
+def accepts_files(spec: ModelSpec) -> bool:
+    """Encoded image files decode to 8-bit RGB: only such models get the NAME-files ensemble."""
+    return spec.dataset.task != "change" and spec.dataset.dtype == "uint8" and spec.in_channels == 3
+
+
+def max_message_bytes(spec: ModelSpec, options: ServingOptions) -> int:
+    """The largest request or response a client may send or get: a full batch of the largest tile,
+    raw input or fp16 probabilities, whichever is bigger (plus headroom for framing)."""
+    side = max(spec.tile_sizes)
+    pixels = options.max_batch_size * side * side
+    request = pixels * spec.in_channels * BYTES_PER_SAMPLE[spec.dataset.dtype]
+    response = pixels * (spec.num_output_channels * 2 + len(spec.outputs))
+    return max(request, response) + (1 << 20)
+
+
+def model_configs(name: str, spec: ModelSpec, version: int, options: ServingOptions) -> dict[str, str]:
+    """config.pbtxt text for every model of a promoted NAME, all pinned to `version`."""
+    names = step_names(name)
+    channels, classes, groups = spec.in_channels, spec.num_output_channels, len(spec.outputs)
+    kind = "KIND_GPU" if options.instance_kind == "gpu" else "KIND_CPU"
+    dtype = TRITON_DTYPES[spec.dataset.dtype]
+    mean = [*spec.dataset.mean] * (channels // spec.dataset.num_bands)
+    std = [*spec.dataset.std] * (channels // spec.dataset.num_bands)
+    common = dict(version=version, max_batch=options.max_batch_size, delay=options.queue_delay_us)
+
+    configs = {
+        names["preprocess"]: _python_config(
+            names["preprocess"], inputs=[("TILES", dtype, [-1, -1, channels])],
+            outputs=[("INPUT", "TYPE_FP32", [channels, -1, -1])], kind=kind, count=options.instances,
+            parameters={"source": "tiles", "dtype": spec.dataset.dtype, "mean": json.dumps(mean),
+                        "std": json.dumps(std)}, **common),
+        names["segmenter"]: _python_config(
+            names["segmenter"], inputs=[("INPUT", "TYPE_FP32", [channels, -1, -1])],
+            outputs=[("LOGITS", "TYPE_FP32", [classes, -1, -1])], kind=kind, count=options.instances,
+            parameters={"models": json.dumps([ONNX_FILE]), "tta": options.tta}, **common),
+        names["postprocess"]: _python_config(
+            names["postprocess"], inputs=[("LOGITS", "TYPE_FP32", [classes, -1, -1])],
+            outputs=[("CLASS_MAP", "TYPE_UINT8", [groups, -1, -1]),
+                     ("PROBABILITIES", "TYPE_FP16", [classes, -1, -1])], kind="KIND_CPU",
+            count=options.instances, parameters={"outputs": json.dumps([[g.name, g.channels] for g in spec.outputs])},
+            **common),
+    }
+    serving_spec = {**spec.to_dict(), "triton": {"version": version, "max_batch_size": options.max_batch_size,
+                                                 "max_message_bytes": max_message_bytes(spec, options),
+                                                 "instance_kind": options.instance_kind, "tta": options.tta}}
+    configs[name] = _ensemble_config(name, names["preprocess"], ("TILES", dtype, [-1, -1, channels]),
+                                     names, groups, classes, version, options.max_batch_size, serving_spec)
+    if accepts_files(spec):
+        configs[names["decode"]] = _python_config(
+            names["decode"], inputs=[("IMAGES", "TYPE_STRING", [1])],
+            outputs=[("INPUT", "TYPE_FP32", [channels, -1, -1])], kind=kind, count=options.instances,
+            parameters={"source": "encoded", "dtype": "uint8", "mean": json.dumps(mean), "std": json.dumps(std)},
+            **common)
+        configs[names["files"]] = _ensemble_config(names["files"], names["decode"], ("IMAGES", "TYPE_STRING", [1]),
+                                                   names, groups, classes, version, options.max_batch_size,
+                                                   serving_spec)
+    return configs
+
+
+def model_files(name: str, spec: ModelSpec) -> dict[str, dict[str, Path | None]]:
+    """Per model: files of a version folder (source path to copy; None for files written separately)."""
+    names = step_names(name)
+    files: dict[str, dict[str, Path | None]] = {
+        names["preprocess"]: {"model.py": MODELS_DIR / "preprocess.py"},
+        names["segmenter"]: {"model.py": MODELS_DIR / "segmenter.py", ONNX_FILE: None, SPEC_FILE: None},
+        names["postprocess"]: {"model.py": MODELS_DIR / "postprocess.py"},
+        name: {},
+    }
+    if accepts_files(spec):
+        files[names["decode"]] = {"model.py": MODELS_DIR / "preprocess.py"}
+        files[names["files"]] = {}
+    return files
+
+
+def read_history(repo: Path, name: str) -> dict[str, Any]:
+    path = repo / name / HISTORY_FILE
+    if not path.is_file():
+        return {"served": None, "stack": [], "versions": {}}
+    return json.loads(path.read_text())
+
+
+def served_version(repo: Path, name: str) -> int | None:
+    return read_history(repo, name)["served"]
+
+
+def stage_promotion(repo: Path, staging: Path, name: str, spec: ModelSpec, onnx_path: Path,
+                    options: ServingOptions, record: dict[str, Any]) -> int:
+    """Into `staging` (a fresh folder): a copy of `repo` plus a new version of NAME, served.
+
+    Returns the new Triton version number. `repo` itself is not touched.
+    """
+    _copy_repo(repo, staging)
+    history = read_history(staging, name)
+    version = max([0, *map(int, history["versions"])]) + 1
+    for model, files in model_files(name, spec).items():
+        folder = staging / model / str(version)
+        folder.mkdir(parents=True, exist_ok=False)
+        for target, source in files.items():
+            if source is not None:
+                shutil.copyfile(source, folder / target)
+    segmenter = staging / step_names(name)["segmenter"] / str(version)
+    shutil.copyfile(onnx_path, segmenter / ONNX_FILE)
+    spec.save(segmenter / SPEC_FILE)
+    history["versions"][str(version)] = {
+        **record, "onnx_sha256": sha256(onnx_path), "options": options.__dict__,
+        "staged_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    history["stack"].append(version)
+    _serve(staging, name, spec, version, options, history)
+    _prune(staging, name, history)
+    return version
+
+
+def stage_rollback(repo: Path, staging: Path, name: str) -> int:
+    """Into `staging`: a copy of `repo` serving the version NAME served before the current one."""
+    _copy_repo(repo, staging)
+    history = read_history(staging, name)
+    if len(history["stack"]) < 2:
+        raise ConfigError(f"{repo / name}: no earlier version to roll back to (promoted: {history['stack'] or 'none'})")
+    history["stack"].pop()
+    previous = history["stack"][-1]
+    spec = ModelSpec.load(staging / step_names(name)["segmenter"] / str(previous) / SPEC_FILE)
+    options = ServingOptions(**history["versions"][str(previous)]["options"])
+    _serve(staging, name, spec, previous, options, history)
+    return previous
+
+
+def commit_staging(staging: Path, repo: Path) -> None:
+    """Swap the checked staging copy in for `repo` in one rename."""
+    write_dir_atomically(repo, lambda tmp: _move_contents(staging, tmp))
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _serve(repo: Path, name: str, spec: ModelSpec, version: int, options: ServingOptions,
+           history: dict[str, Any]) -> None:
+    for model, text in model_configs(name, spec, version, options).items():
+        (repo / model).mkdir(parents=True, exist_ok=True)
+        (repo / model / "config.pbtxt").write_text(text)
+    # A files ensemble left from a version that had one would point at the wrong spec: drop it.
+    if not accepts_files(spec):
+        for model in (step_names(name)["decode"], step_names(name)["files"]):
+            shutil.rmtree(repo / model, ignore_errors=True)
+    history["served"] = version
+    (repo / name / HISTORY_FILE).write_text(json.dumps(history, indent=2) + "\n")
+
+
+def _prune(repo: Path, name: str, history: dict[str, Any]) -> None:
+    keep = set(history["stack"][-KEEP_VERSIONS:])
+    for version in list(history["versions"]):
+        if int(version) not in keep:
+            for model in {*step_names(name).values(), name}:
+                shutil.rmtree(repo / model / version, ignore_errors=True)
+            del history["versions"][version]
+    history["stack"] = [v for v in history["stack"] if v in keep]
+    (repo / name / HISTORY_FILE).write_text(json.dumps(history, indent=2) + "\n")
+
+
+def _copy_repo(repo: Path, staging: Path) -> None:
+    if staging.exists() and any(staging.iterdir()):
+        raise ConfigError(f"{staging}: staging folder is not empty")
+    if repo.is_dir():
+        # Hard links keep copying ONNX files cheap; nothing in a version folder is modified in place.
+        shutil.copytree(repo, staging, dirs_exist_ok=True, copy_function=_link_or_copy)
+    else:
+        staging.mkdir(parents=True, exist_ok=True)
+
+
+def _link_or_copy(source: str, target: str) -> None:
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+def _move_contents(source: Path, target: Path) -> None:
+    for item in source.iterdir():
+        item.rename(target / item.name)
+
+
+def _python_config(name: str, *, inputs, outputs, kind: str, count: int, parameters: dict[str, str],
+                   version: int, max_batch: int, delay: int) -> str:
+    return "\n".join([
+        f'name: "{name}"',
+        'backend: "python"',
+        f"max_batch_size: {max_batch}",
+        *(_tensor("input", *t) for t in inputs),
+        *(_tensor("output", *t) for t in outputs),
+        f"instance_group [{{ kind: {kind} count: {count} }}]",
+        f"dynamic_batching {{ max_queue_delay_microseconds: {delay} }}",
+        f"version_policy: {{ specific: {{ versions: [{version}] }} }}",
+        *(_parameter(k, v) for k, v in parameters.items()),
+    ]) + "\n"
+
+
+def _ensemble_config(name: str, first: str, input_tensor: tuple, names: dict[str, str], groups: int, classes: int,
+                     version: int, max_batch: int, serving_spec: dict[str, Any]) -> str:
+    input_name = input_tensor[0]
+    return "\n".join([
+        f'name: "{name}"',
+        'platform: "ensemble"',
+        f"max_batch_size: {max_batch}",
+        _tensor("input", *input_tensor),
+        _tensor("output", "CLASS_MAP", "TYPE_UINT8", [groups, -1, -1]),
+        _tensor("output", "PROBABILITIES", "TYPE_FP16", [classes, -1, -1]),
+        "ensemble_scheduling { step [",
+        f'  {{ model_name: "{first}" model_version: -1 input_map {{ key: "{input_name}" value: "{input_name}" }}'
+        ' output_map { key: "INPUT" value: "input" } },',
+        f'  {{ model_name: "{names["segmenter"]}" model_version: -1 input_map {{ key: "INPUT" value: "input" }}'
+        ' output_map { key: "LOGITS" value: "logits" } },',
+        f'  {{ model_name: "{names["postprocess"]}" model_version: -1 input_map {{ key: "LOGITS" value: "logits" }}'
+        ' output_map { key: "CLASS_MAP" value: "CLASS_MAP" } output_map { key: "PROBABILITIES" value: "PROBABILITIES" } }',
+        "] }",
+        f"version_policy: {{ specific: {{ versions: [{version}] }} }}",
+        _parameter("model_spec", json.dumps(serving_spec, sort_keys=True)),
+    ]) + "\n"
+
+
+def _tensor(kind: str, name: str, dtype: str, dims: list[int]) -> str:
+    return f'{kind} [{{ name: "{name}" data_type: {dtype} dims: {json.dumps(dims)} }}]'
+
+
+def _parameter(key: str, value: str) -> str:
+    # Protobuf text format takes UTF-8 in strings but not JSON's \uXXXX escapes.
+    return f"parameters {{ key: {json.dumps(key)} value: {{ string_value: {json.dumps(value, ensure_ascii=False)} }} }}"

@@ -1,0 +1,96 @@
+"""Preprocess: a DALI pipeline from raw tiles (or encoded image files) to normalised NCHW float32.
+
+Config parameters: `mean`, `std` (JSON lists, one per input channel), `source` ("tiles": raw
+uint8/uint16 HWC tiles in input TILES; "encoded": PNG/JPEG/TIFF bytes in input IMAGES, decoded by DALI),
+`dtype` of the raw tiles. CPU operators on a KIND_CPU instance, GPU operators on KIND_GPU.
+"""
+
+import json
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+from nvidia.dali import fn, pipeline_def, types
+
+_DALI_TYPES = {"uint8": types.UINT8, "uint16": types.UINT16}
+
+
+def parameter(model_config, key, default=None):
+    value = model_config.get("parameters", {}).get(key, {}).get("string_value")
+    return default if value is None else value
+
+
+def build_pipeline(mean, std, source, dtype, batch_size, device_id):
+    """(x - mean) / std per channel, HWC -> CHW; device_id None runs every operator on the CPU."""
+    mean = np.asarray(mean, dtype=np.float32)
+    std = np.asarray(std, dtype=np.float32)
+
+    @pipeline_def(batch_size=batch_size, num_threads=1, device_id=device_id, prefetch_queue_depth=1,
+                  exec_dynamic=True)
+    def pipeline():
+        if source == "encoded":
+            data = fn.external_source(name="data", dtype=types.UINT8, ndim=1)
+            images = fn.decoders.image(data, device="cpu" if device_id is None else "mixed", output_type=types.RGB)
+        else:
+            images = fn.external_source(name="data", dtype=_DALI_TYPES[dtype], layout="HWC", ndim=3)
+            if device_id is not None:
+                images = images.gpu()
+        images = fn.cast(images, dtype=types.FLOAT)
+        images = (images - types.Constant(mean)) / types.Constant(std)
+        return fn.transpose(images, perm=[2, 0, 1])
+
+    pipe = pipeline()
+    pipe.build()
+    return pipe
+
+
+def run_pipeline(pipe, samples):
+    pipe.feed_input("data", samples)
+    (out,) = pipe.run()
+    if hasattr(out, "as_cpu"):
+        out = out.as_cpu()
+    return np.stack([np.asarray(out[i]) for i in range(len(samples))])
+
+
+class TritonPythonModel:
+    def initialize(self, args):
+        config = json.loads(args["model_config"])
+        self.source = parameter(config, "source", "tiles")
+        self.dtype = parameter(config, "dtype", "uint8")
+        self.mean = json.loads(parameter(config, "mean"))
+        self.std = json.loads(parameter(config, "std"))
+        self.channels = len(self.mean)
+        self.input_name = "IMAGES" if self.source == "encoded" else "TILES"
+        gpu = args["model_instance_kind"] == "GPU"
+        device_id = int(args["model_instance_device_id"]) if gpu else None
+        self.batch_size = max(int(config.get("max_batch_size", 1)), 1)
+        self.pipe = build_pipeline(self.mean, self.std, self.source, self.dtype, self.batch_size, device_id)
+        pb_utils.Logger.log_info(
+            f"preprocess: DALI {'GPU' if gpu else 'CPU'} pipeline, source {self.source}, {self.channels} channels"
+        )
+
+    def execute(self, requests):
+        responses = []
+        for request in requests:
+            try:
+                samples = self._samples(pb_utils.get_input_tensor_by_name(request, self.input_name).as_numpy())
+                chunks = [run_pipeline(self.pipe, samples[i : i + self.batch_size])
+                          for i in range(0, len(samples), self.batch_size)]
+                out = pb_utils.Tensor("INPUT", np.concatenate(chunks).astype(np.float32, copy=False))
+                responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
+            except ValueError as exc:
+                responses.append(pb_utils.InferenceResponse(
+                    error=pb_utils.TritonError(f"preprocess: {exc}", pb_utils.TritonError.INVALID_ARG)))
+            except Exception as exc:  # noqa: BLE001 - a failing request must not take the model down
+                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"preprocess: {exc}")))
+        return responses
+
+    def _samples(self, batch):
+        if len(batch) == 0:
+            raise ValueError("empty batch")
+        if self.source == "encoded":
+            return [np.frombuffer(item[0] if item.ndim else item, dtype=np.uint8) for item in batch]
+        if batch.ndim != 4 or batch.shape[-1] != self.channels:
+            raise ValueError(f"expected tiles of shape [N, H, W, {self.channels}], got {list(batch.shape)}")
+        if batch.shape[1] == 0 or batch.shape[2] == 0:
+            raise ValueError(f"empty tile of shape {list(batch.shape[1:])}")
+        return [np.ascontiguousarray(tile) for tile in batch]
