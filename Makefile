@@ -11,9 +11,9 @@ setup:
 demo: setup
 	mlflow run . --env-manager local
 
-# Fast tests plus the slow ones that prove the open issues (what CI runs).
+# Fast tests, the slow ones and those that start a real tritonserver on loopback (what CI runs).
 test: setup
-	python -m pytest -m "not triton and not gpu and not bench" -q
+	python -m pytest -m "not gpu and not bench" -q
 
 bench: setup
 	python -m pipelines.benchmark --dataset all

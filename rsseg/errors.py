@@ -17,3 +17,7 @@ class PromotionRefused(UserError):
     """The candidate version does not beat the champion or the minimum: nothing was changed."""
 
     exit_code = 3
+
+
+class ExportError(UserError):
+    """A model cannot be exported, or its exported graph does not reproduce the PyTorch model."""

@@ -95,7 +95,7 @@ def promote(config: PromoteConfig) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="rsseg-promote-") as tmp:
         onnx_path = export_onnx(model, spec, Path(tmp) / "model.onnx", opset=config.opset)
         parity = check_parity(model, onnx_path, spec, atol=config.atol)
-        assert_parity(parity, config.atol)
+        assert_parity(parity, config.atol, rtol=1e-5)  # float32 rounding grows with the logits
         log.info("ONNX parity: max |logit diff| %.2e over shapes %s, class maps equal", parity.max_abs_diff,
                  parity.shapes)
         record = {"mlflow_name": name, "mlflow_version": candidate.version, "metric": candidate.metric,

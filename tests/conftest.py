@@ -17,7 +17,8 @@ TINY_ENCODER = "test_efficientnet"
 @pytest.fixture(scope="session")
 def seaice_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("seaice")
-    generate_seaice(root / "source", scenes=5, size=96, seed=1)
+    # Six scenes: the validation scene has ice (the generator's ice-free scene falls in training).
+    generate_seaice(root / "source", scenes=6, size=96, seed=1)
     prepare_dataset(root / "source", root / "prepared", tile_size=64, overlap=32, progress=False)
     return root / "prepared"
 

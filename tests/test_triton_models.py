@@ -33,6 +33,7 @@ class _Tensor:
 
 class _Error:
     INVALID_ARG = "INVALID_ARG"
+    INTERNAL = "INTERNAL"
 
     def __init__(self, message, code=None):
         self.message, self.code = message, code
@@ -60,11 +61,14 @@ class _Request:
 @pytest.fixture(autouse=True)
 def pb_utils(monkeypatch):
     stub = types.ModuleType("triton_python_backend_utils")
+    _Tensor.from_dlpack = staticmethod(lambda name, array: _Tensor(name, np.from_dlpack(array)))
     stub.Tensor = _Tensor
     stub.TritonError = _Error
     stub.InferenceResponse = _Response
     stub.TritonModelException = RuntimeError
-    stub.get_input_tensor_by_name = lambda request, name: request.inputs.get(name)
+    # The real stub's tensors support DLPack; so do numpy arrays.
+    stub.get_input_tensor_by_name = lambda request, name: (request.inputs[name].as_numpy()
+                                                           if name in request.inputs else None)
     stub.Logger = types.SimpleNamespace(log_info=lambda msg: None)
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", stub)
     return stub
@@ -145,7 +149,7 @@ def test_preprocess_decodes_encoded_images():
     image = np.random.default_rng(1).integers(0, 255, (32, 40, 3)).astype(np.uint8)
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
-    batch = np.array([[buffer.getvalue()]], dtype=object)
+    batch = np.frombuffer(buffer.getvalue(), dtype=np.uint8)[None]
     (response,) = model.execute([_Request({"IMAGES": batch})])
     assert response.error is None
     np.testing.assert_allclose(response.outputs["INPUT"][0], normalize(image, spec.dataset), atol=1e-5)

@@ -102,11 +102,11 @@ def model_configs(name: str, spec: ModelSpec, version: int, options: ServingOpti
                                      names, groups, classes, version, options.max_batch_size, serving_spec)
     if accepts_files(spec):
         configs[names["decode"]] = _python_config(
-            names["decode"], inputs=[("IMAGES", "TYPE_STRING", [1])],
+            names["decode"], inputs=[("IMAGES", "TYPE_UINT8", [-1])],
             outputs=[("INPUT", "TYPE_FP32", [channels, -1, -1])], kind=kind, count=options.instances,
             parameters={"source": "encoded", "dtype": "uint8", "mean": json.dumps(mean), "std": json.dumps(std)},
             **common)
-        configs[names["files"]] = _ensemble_config(names["files"], names["decode"], ("IMAGES", "TYPE_STRING", [1]),
+        configs[names["files"]] = _ensemble_config(names["files"], names["decode"], ("IMAGES", "TYPE_UINT8", [-1]),
                                                    names, groups, classes, version, options.max_batch_size,
                                                    serving_spec)
     return configs
@@ -115,14 +115,15 @@ def model_configs(name: str, spec: ModelSpec, version: int, options: ServingOpti
 def model_files(name: str, spec: ModelSpec) -> dict[str, dict[str, Path | None]]:
     """Per model: files of a version folder (source path to copy; None for files written separately)."""
     names = step_names(name)
+    io = {"triton_io.py": MODELS_DIR / "triton_io.py"}
     files: dict[str, dict[str, Path | None]] = {
-        names["preprocess"]: {"model.py": MODELS_DIR / "preprocess.py"},
-        names["segmenter"]: {"model.py": MODELS_DIR / "segmenter.py", ONNX_FILE: None, SPEC_FILE: None},
-        names["postprocess"]: {"model.py": MODELS_DIR / "postprocess.py"},
+        names["preprocess"]: {"model.py": MODELS_DIR / "preprocess.py", **io},
+        names["segmenter"]: {"model.py": MODELS_DIR / "segmenter.py", **io, ONNX_FILE: None, SPEC_FILE: None},
+        names["postprocess"]: {"model.py": MODELS_DIR / "postprocess.py", **io},
         name: {},
     }
     if accepts_files(spec):
-        files[names["decode"]] = {"model.py": MODELS_DIR / "preprocess.py"}
+        files[names["decode"]] = {"model.py": MODELS_DIR / "preprocess.py", **io}
         files[names["files"]] = {}
     return files
 

@@ -6,14 +6,14 @@ For change models the semantic maps are 0 ("unchanged") where no change is predi
 """
 
 import json
+import os
+import sys
 
-import numpy as np
-import triton_python_backend_utils as pb_utils
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # triton_io.py sits beside model.py
 
-
-def parameter(model_config, key, default=None):
-    value = model_config.get("parameters", {}).get(key, {}).get("string_value")
-    return default if value is None else value
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+from triton_io import error_response, input_array, output_tensor, parameter, quiet_dlpack_noise  # noqa: E402
 
 
 def softmax(logits):
@@ -48,6 +48,7 @@ def probabilities(logits, groups):
 
 class TritonPythonModel:
     def initialize(self, args):
+        quiet_dlpack_noise()
         config = json.loads(args["model_config"])
         self.groups = [tuple(g) for g in json.loads(parameter(config, "outputs"))]
         self.channels = sum(c for _, c in self.groups)
@@ -56,16 +57,13 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
-                logits = pb_utils.get_input_tensor_by_name(request, "LOGITS").as_numpy()
+                logits = input_array(request, "LOGITS")
                 if logits.ndim != 4 or logits.shape[1] != self.channels:
                     raise ValueError(f"expected logits [N, {self.channels}, H, W], got {list(logits.shape)}")
-                outputs = [pb_utils.Tensor("CLASS_MAP", class_maps(logits, self.groups))]
+                outputs = [output_tensor("CLASS_MAP", class_maps(logits, self.groups))]
                 if "PROBABILITIES" in request.requested_output_names():
-                    outputs.append(pb_utils.Tensor("PROBABILITIES", probabilities(logits, self.groups)))
+                    outputs.append(output_tensor("PROBABILITIES", probabilities(logits, self.groups)))
                 responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
-            except ValueError as exc:
-                responses.append(pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(f"postprocess: {exc}", pb_utils.TritonError.INVALID_ARG)))
             except Exception as exc:  # noqa: BLE001 - a failing request must not take the model down
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"postprocess: {exc}")))
+                responses.append(error_response("postprocess", exc))
         return responses

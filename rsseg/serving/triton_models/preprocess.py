@@ -1,22 +1,23 @@
 """Preprocess: a DALI pipeline from raw tiles (or encoded image files) to normalised NCHW float32.
 
 Config parameters: `mean`, `std` (JSON lists, one per input channel), `source` ("tiles": raw
-uint8/uint16 HWC tiles in input TILES; "encoded": PNG/JPEG/TIFF bytes in input IMAGES, decoded by DALI),
+uint8/uint16 HWC tiles in input TILES; "encoded": the bytes of PNG/JPEG/TIFF files as uint8 rows in
+input IMAGES, decoded by DALI),
 `dtype` of the raw tiles. CPU operators on a KIND_CPU instance, GPU operators on KIND_GPU.
 """
 
 import json
+import os
+import sys
 
-import numpy as np
-import triton_python_backend_utils as pb_utils
-from nvidia.dali import fn, pipeline_def, types
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # triton_io.py sits beside model.py
+
+import numpy as np  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+from nvidia.dali import fn, pipeline_def, types  # noqa: E402
+from triton_io import error_response, input_array, output_tensor, parameter, quiet_dlpack_noise  # noqa: E402
 
 _DALI_TYPES = {"uint8": types.UINT8, "uint16": types.UINT16}
-
-
-def parameter(model_config, key, default=None):
-    value = model_config.get("parameters", {}).get(key, {}).get("string_value")
-    return default if value is None else value
 
 
 def build_pipeline(mean, std, source, dtype, batch_size, device_id):
@@ -53,6 +54,7 @@ def run_pipeline(pipe, samples):
 
 class TritonPythonModel:
     def initialize(self, args):
+        quiet_dlpack_noise()
         config = json.loads(args["model_config"])
         self.source = parameter(config, "source", "tiles")
         self.dtype = parameter(config, "dtype", "uint8")
@@ -72,23 +74,21 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
-                samples = self._samples(pb_utils.get_input_tensor_by_name(request, self.input_name).as_numpy())
+                samples = self._samples(input_array(request, self.input_name))
                 chunks = [run_pipeline(self.pipe, samples[i : i + self.batch_size])
                           for i in range(0, len(samples), self.batch_size)]
-                out = pb_utils.Tensor("INPUT", np.concatenate(chunks).astype(np.float32, copy=False))
+                out = output_tensor("INPUT", np.concatenate(chunks).astype(np.float32, copy=False))
                 responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
-            except ValueError as exc:
-                responses.append(pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(f"preprocess: {exc}", pb_utils.TritonError.INVALID_ARG)))
             except Exception as exc:  # noqa: BLE001 - a failing request must not take the model down
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"preprocess: {exc}")))
+                responses.append(error_response("preprocess", exc))
         return responses
 
     def _samples(self, batch):
         if len(batch) == 0:
             raise ValueError("empty batch")
         if self.source == "encoded":
-            return [np.frombuffer(item[0] if item.ndim else item, dtype=np.uint8) for item in batch]
+            # One encoded file per row: uint8 bytes (DLPack cannot carry BYTES tensors).
+            return [np.array(row, dtype=np.uint8) for row in batch]
         if batch.ndim != 4 or batch.shape[-1] != self.channels:
             raise ValueError(f"expected tiles of shape [N, H, W, {self.channels}], got {list(batch.shape)}")
         if batch.shape[1] == 0 or batch.shape[2] == 0:

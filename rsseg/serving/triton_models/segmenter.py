@@ -9,17 +9,16 @@ that did not get CUDA fails to load instead of silently running on the CPU.
 
 import json
 import os
+import sys
 
-import numpy as np
-import onnxruntime as ort
-import triton_python_backend_utils as pb_utils
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # triton_io.py sits beside model.py
+
+import numpy as np  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import triton_python_backend_utils as pb_utils  # noqa: E402
+from triton_io import error_response, input_array, output_tensor, parameter, quiet_dlpack_noise  # noqa: E402
 
 TTA_MODES = ("none", "flips", "d4")
-
-
-def parameter(model_config, key, default=None):
-    value = model_config.get("parameters", {}).get(key, {}).get("string_value")
-    return default if value is None else value
 
 
 def tta_transforms(mode):
@@ -63,6 +62,7 @@ def segment(sessions, batch, mode="none"):
 
 class TritonPythonModel:
     def initialize(self, args):
+        quiet_dlpack_noise()
         config = json.loads(args["model_config"])
         folder = os.path.join(args["model_repository"], args["model_version"])
         gpu = args["model_instance_kind"] == "GPU"
@@ -88,15 +88,12 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
-                batch = pb_utils.get_input_tensor_by_name(request, "INPUT").as_numpy()
+                batch = input_array(request, "INPUT")
                 if batch.shape[0] == 0:
                     raise ValueError("empty batch")
                 mode = json.loads(request.parameters() or "{}").get("tta", self.tta)
                 logits = segment(self.sessions, batch, mode)
-                responses.append(pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor("LOGITS", logits)]))
-            except ValueError as exc:
-                responses.append(pb_utils.InferenceResponse(
-                    error=pb_utils.TritonError(f"segmenter: {exc}", pb_utils.TritonError.INVALID_ARG)))
+                responses.append(pb_utils.InferenceResponse(output_tensors=[output_tensor("LOGITS", logits)]))
             except Exception as exc:  # noqa: BLE001 - a failing request must not take the model down
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(f"segmenter: {exc}")))
+                responses.append(error_response("segmenter", exc))
         return responses

@@ -1,0 +1,401 @@
+"""Run the Triton Inference Server binary shipped in the nvidia-pytriton wheel.
+
+Only the binary, its libraries and the Python backend are used (never pytriton's Python API). Two ways in:
+`main()` is the `tritonserver` console command (it execs the binary), and `TritonServer` starts it as a
+subprocess for tests, promotion checks and benchmarks. Both bind to 127.0.0.1 unless told otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import importlib.util
+import logging
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from rsseg.errors import UserError
+
+log = logging.getLogger(__name__)
+
+LOOPBACK = "127.0.0.1"
+INSTALL_HINT = "install it with `bash scripts/setup.sh`"
+_STUB = "triton_python_backend_stub"
+_BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
+
+
+class TritonNotInstalled(UserError):
+    """The Triton binary (from nvidia-pytriton) is missing or unusable in this environment."""
+
+
+class TritonServerError(RuntimeError):
+    """A server started by `TritonServer` exited or did not become ready; the message holds the log tail."""
+
+
+@dataclass(frozen=True)
+class TritonDist:
+    """Where the nvidia-pytriton wheel keeps the server: `root` is `<site-packages>/pytriton/tritonserver`."""
+
+    root: Path
+    libs: Path
+    version: str
+
+    @property
+    def binary(self) -> Path:
+        return self.root / "bin" / "tritonserver"
+
+    @property
+    def python_backend(self) -> Path:
+        return self.root / "backends" / "python"
+
+    @property
+    def caches(self) -> Path:
+        return self.root / "caches"
+
+    def stub(self, python: str = f"{sys.version_info[0]}.{sys.version_info[1]}") -> Path:
+        return self.root / "python_backend_stubs" / python / _STUB
+
+
+def locate_pytriton() -> TritonDist | None:
+    """The installed wheel's server files, or None. Uses find_spec so pytriton itself is never imported
+    (it was installed with --no-deps and its own imports would fail)."""
+    try:
+        spec = importlib.util.find_spec("pytriton")
+    except (ImportError, ValueError):
+        return None
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    package = Path(next(iter(spec.submodule_search_locations)))
+    root = package / "tritonserver"
+    try:
+        version = importlib.metadata.version("nvidia-pytriton")
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    dist = TritonDist(root=root, libs=package.parent / "nvidia_pytriton.libs", version=version)
+    return dist if dist.binary.is_file() else None
+
+
+def find_triton() -> TritonDist:
+    dist = locate_pytriton()
+    if dist is None:
+        raise TritonNotInstalled(f"tritonserver: nvidia-pytriton (which ships the Triton server) is not installed "
+                                 f"in {sys.prefix}; {INSTALL_HINT}")
+    return dist
+
+
+def _backend_roots() -> list[Path]:
+    cache = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return [Path(sys.prefix) / "share" / "rsseg" / "triton" / "backends", cache / "rsseg" / "triton" / "backends"]
+
+
+def _backend_key(dist: TritonDist) -> str:
+    # A new wheel (or a re-install) changes size/mtime, so a stale copy is never reused.
+    python = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    digest = hashlib.sha1(dist.version.encode())
+    for path in [dist.python_backend / name for name in _BACKEND_FILES] + [dist.stub(python)]:
+        st = path.stat()
+        digest.update(f"{path}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return f"py{python}-{digest.hexdigest()[:12]}"
+
+
+def _is_complete(backends: Path) -> bool:
+    return all((backends / "python" / name).is_file() for name in (*_BACKEND_FILES, _STUB))
+
+
+def _build_backends(dist: TritonDist, out: Path) -> Path:
+    """Copy the Python backend plus the stub for this Python into `out/python`: temp dir, then rename, so
+    concurrent starts never see a half-copied folder and the first finished copy wins."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        (tmp / "python").mkdir()
+        for name in _BACKEND_FILES:
+            shutil.copy2(dist.python_backend / name, tmp / "python" / name)
+        # The backend looks for the stub next to libtriton_python.so; copy2 keeps its exec bit.
+        shutil.copy2(dist.stub(), tmp / "python" / _STUB)
+        tmp.chmod(0o755)  # mkdtemp makes it private; other users of this environment need it too
+        try:
+            tmp.rename(out)
+        except OSError:
+            if not _is_complete(out):  # not a lost race: a real failure
+                raise
+            log.debug("backend directory %s was prepared concurrently", out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def backend_directory(dist: TritonDist) -> Path:
+    """A `--backend-directory` holding `python/` with the stub for the running Python, prepared once."""
+    python = f"{sys.version_info[0]}.{sys.version_info[1]}"
+    if not dist.stub(python).is_file():
+        have = sorted(p.name for p in (dist.root / "python_backend_stubs").glob("*"))
+        raise TritonNotInstalled(f"tritonserver: nvidia-pytriton {dist.version} has no Python backend stub for "
+                                 f"Python {python} (it has {', '.join(have) or 'none'}); use one of those Pythons")
+    key = _backend_key(dist)
+    errors = []
+    for root in _backend_roots():
+        out = root / key
+        if _is_complete(out):
+            return out
+        try:
+            return _build_backends(dist, out)
+        except OSError as exc:  # read-only prefix: try the user cache next
+            log.debug("cannot prepare %s: %s", out, exc)
+            errors.append(f"{out}: {exc}")
+    raise TritonNotInstalled(f"tritonserver: cannot prepare a backend directory ({'; '.join(errors)})")
+
+
+def _has_option(args: Sequence[str], option: str) -> bool:
+    return any(arg == option or arg.startswith(option + "=") for arg in args)
+
+
+def _prepend(value: str, existing: str | None) -> str:
+    return f"{value}:{existing}" if existing else value
+
+
+def server_command(args: Sequence[str], dist: TritonDist | None = None) -> tuple[list[str], dict[str, str]]:
+    """The argv and environment that run the binary with `args` plus the defaults the user did not give."""
+    dist = dist or find_triton()
+    args = list(args)
+    defaults: list[str] = []
+    if not _has_option(args, "--backend-directory"):
+        defaults.append(f"--backend-directory={backend_directory(dist)}")
+    if not _has_option(args, "--cache-directory") and dist.caches.is_dir():
+        # The built-in default is /opt/tritonserver/caches, which does not exist outside NGC images.
+        defaults.append(f"--cache-directory={dist.caches}")
+    for option in ("--http-address", "--grpc-address", "--metrics-address"):
+        if not _has_option(args, option):
+            defaults.append(f"{option}={LOOPBACK}")
+    env = dict(os.environ)
+    # The binary and the stub have $ORIGIN rpaths into the wheel; our copy of the stub lives elsewhere.
+    env["LD_LIBRARY_PATH"] = _prepend(str(dist.libs), env.get("LD_LIBRARY_PATH"))
+    # The stub embeds libpython and finds its prefix from `python3` on PATH: this environment's first,
+    # so Python models import this environment's packages (numpy 2, onnxruntime, DALI...).
+    env["PATH"] = _prepend(str(Path(sys.prefix) / "bin"), env.get("PATH"))
+    return [str(dist.binary), *defaults, *args], env
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`tritonserver ARGS...`: the pytriton binary with our backend directory and loopback defaults."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    try:
+        command, env = server_command(args)
+    except TritonNotInstalled as exc:
+        print(exc, file=sys.stderr)
+        sys.exit(2)
+    log.debug("exec %s", " ".join(command))
+    os.execve(command[0], command, env)
+
+
+def free_loopback_ports(count: int) -> list[int]:
+    # Hold all sockets until every port is picked so the ports differ from one another.
+    sockets = []
+    try:
+        for _ in range(count):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind((LOOPBACK, 0))
+            sockets.append(s)
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
+def http_ok(url: str, timeout: float = 1.0) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:
+            return response.status == 200
+    except (urllib.error.URLError, OSError):
+        return False
+
+
+def _stub_shm_regions(server_pid: int) -> list[str]:
+    """Shared-memory region names of the Python-backend stubs of `server_pid` (the stub's 2nd argument)."""
+    regions = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            ppid = int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            if ppid != server_pid:
+                continue
+            argv = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except (OSError, IndexError, ValueError):
+            continue  # exited meanwhile, or not ours to read
+        if len(argv) > 2 and argv[0].endswith(_STUB) and "/" not in argv[2]:
+            regions.append(argv[2])
+    return regions
+
+
+class TritonServer:
+    """A tritonserver subprocess on loopback ports; a context manager that always stops it.
+
+    >>> with TritonServer(Path("triton_repo")) as server:
+    ...     client = tritonclient.grpc.InferenceServerClient(server.grpc_url)
+    """
+
+    def __init__(self, repository: Path, *, http_port: int | None = None, grpc_port: int | None = None,
+                 metrics_port: int | None = None, log_path: Path | None = None, startup_timeout: float = 120,
+                 extra_args: Sequence[str] = ()) -> None:
+        self.repository = Path(repository)
+        free = iter(free_loopback_ports(3))
+        self.http_port = http_port or next(free)
+        self.grpc_port = grpc_port or next(free)
+        self.metrics_port = metrics_port or next(free)
+        self.startup_timeout = startup_timeout
+        self.extra_args = list(extra_args)
+        self._own_log = log_path is None
+        self.log_path: Path | None = Path(log_path) if log_path else None  # a temp file from start() on
+        self._log_cache: str | None = None
+        self._process: subprocess.Popen | None = None
+        self._stopped = False
+        self.startup_seconds: float | None = None
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    @property
+    def http_url(self) -> str:
+        return f"{LOOPBACK}:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"{LOOPBACK}:{self.grpc_port}"
+
+    @property
+    def metrics_url(self) -> str:
+        return f"{LOOPBACK}:{self.metrics_port}"
+
+    def args(self) -> list[str]:
+        args = [f"--model-repository={self.repository}", f"--http-port={self.http_port}",
+                f"--grpc-port={self.grpc_port}", f"--metrics-port={self.metrics_port}"]
+        if not _has_option(self.extra_args, "--exit-timeout-secs"):
+            # Triton waits this long for open HTTP keep-alive connections (a client not closed) before it
+            # unloads models; the default 30 s would outlast stop()'s grace.
+            args.append("--exit-timeout-secs=10")
+        return args + self.extra_args
+
+    def start(self) -> TritonServer:
+        if self._process is not None:
+            raise TritonServerError("server already started")
+        command, env = server_command(self.args())
+        if self.log_path is None:
+            fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
+            os.close(fd)
+            self.log_path = Path(name)
+        log.info("starting %s (log: %s)", " ".join(command), self.log_path)
+        started = time.monotonic()
+        with open(self.log_path, "wb") as log_file:
+            # Own session: stop() can kill the stub processes with the server if it must use SIGKILL.
+            self._process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
+                                             stderr=subprocess.STDOUT, start_new_session=True)
+        try:
+            self._wait_ready(started)
+        except BaseException:
+            self.stop()
+            raise
+        self.startup_seconds = time.monotonic() - started
+        log.info("tritonserver ready on http %s grpc %s in %.1f s", self.http_url, self.grpc_url,
+                 self.startup_seconds)
+        return self
+
+    def _wait_ready(self, started: float) -> None:
+        assert self._process is not None
+        url = f"http://{self.http_url}/v2/health/ready"
+        while True:
+            code = self._process.poll()
+            if code is not None:
+                raise TritonServerError(f"tritonserver exited with code {code} before it was ready; "
+                                        f"log tail:\n{self.log_tail()}")
+            if http_ok(url):
+                return
+            if time.monotonic() - started > self.startup_timeout:
+                raise TritonServerError(f"tritonserver not ready after {self.startup_timeout:.0f} s; "
+                                        f"log tail:\n{self.log_tail()}")
+            time.sleep(0.2)
+
+    def is_ready(self) -> bool:
+        return self._process is not None and self._process.poll() is None and \
+            http_ok(f"http://{self.http_url}/v2/health/ready")
+
+    def wait_model_ready(self, name: str, timeout: float = 60, version: str = "") -> None:
+        """Wait for a model (e.g. one loaded with --model-control-mode=explicit) to report ready."""
+        path = f"/v2/models/{name}" + (f"/versions/{version}" if version else "") + "/ready"
+        deadline = time.monotonic() + timeout
+        while not http_ok(f"http://{self.http_url}{path}"):
+            if self._process is None or self._process.poll() is not None:
+                raise TritonServerError(f"tritonserver is not running; log tail:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise TritonServerError(f"model {name!r} not ready after {timeout:.0f} s; "
+                                        f"log tail:\n{self.log_tail()}")
+            time.sleep(0.2)
+
+    def log_text(self) -> str:
+        if self._log_cache is not None:
+            return self._log_cache
+        if self.log_path is None:
+            return ""
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_text().splitlines()[-lines:])
+
+    def stop(self, grace: float = 20) -> int | None:
+        """SIGTERM (Triton unloads models and stops its stubs), SIGKILL to the whole group after `grace` s.
+        Returns the exit code; safe to call twice."""
+        process = self._process
+        if process is None:
+            return None
+        if self._stopped:
+            return process.returncode
+        regions = _stub_shm_regions(process.pid)
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(grace)
+            except subprocess.TimeoutExpired:
+                log.warning("tritonserver %d ignored SIGTERM for %.0f s; killing it", process.pid, grace)
+                self._kill_group(process.pid)
+                process.wait()
+        # Stubs orphaned by a crash would otherwise linger with their shared memory.
+        self._kill_group(process.pid)
+        # After a kill or an expired exit timeout Triton leaves the stubs' regions in /dev/shm.
+        for name in regions:
+            try:
+                (Path("/dev/shm") / name).unlink(missing_ok=True)
+            except OSError as exc:
+                log.debug("cannot remove /dev/shm/%s: %s", name, exc)
+        self._stopped = True
+        if self._own_log and self._log_cache is None and self.log_path is not None:
+            self._log_cache = self.log_text()
+            self.log_path.unlink(missing_ok=True)
+        return process.returncode
+
+    @staticmethod
+    def _kill_group(pgid: int) -> None:
+        try:
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def __enter__(self) -> TritonServer:
+        return self.start()
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.stop()
