@@ -23,6 +23,13 @@ EXTRA = """\
       dataset: {type: string, default: roads}
       budget: {type: float, default: 600}
     command: "python -m pipelines.benchmark --dataset {dataset} --budget {budget}"
+  bench_serving:
+    parameters:
+      tile_size: {type: float, default: 512}
+      tiles: {type: float, default: 16}
+      batch: {type: float, default: 4}
+      concurrency: {type: float, default: 2}
+    command: "python -m pipelines.bench_serving --tile-size {tile_size} --tiles {tiles} --batch {batch} --concurrency {concurrency}"
 """
 
 

@@ -1,6 +1,8 @@
-"""Entry point `main`: the end-to-end job on embedded defaults (prepare, train briefly, register).
+"""Entry point `main`: the end-to-end job on embedded defaults.
 
-It ends by reading the new version back from the model registry, as any user of the registry would.
+Prepare (the generated sea-ice data unless `source` is given), train briefly, register, promote the new
+version into `triton_repo/`, then start the real tritonserver on loopback, send it one tile of the
+data, print the answer's class histogram and stop the server.
 """
 
 from __future__ import annotations
@@ -9,9 +11,13 @@ from pathlib import Path
 
 from pipelines._cli import parser_for, run
 from pipelines.train import train_and_register
-from rsseg.config import MainConfig, TrainConfig, from_args
+from rsseg.config import MainConfig, PromoteConfig, TrainConfig, from_args
+from rsseg.data.datasets import PreparedData
 from rsseg.data.defaults import default_dataset
 from rsseg.data.prepare import prepare_dataset
+from rsseg.errors import PromotionRefused
+from rsseg.promotion import promote
+from rsseg.serving.client import ask_server_once
 from rsseg.tracking import describe_version
 
 
@@ -28,6 +34,17 @@ def main(argv: list[str] | None = None) -> int:
     ))
     assert summary is not None
     print(describe_version(summary["model_name"], summary["model_version"]))
+    try:
+        promoted = promote(PromoteConfig(model_name=summary["model_name"], version=summary["model_version"],
+                                         repo=config.repo))
+        print(f"promoted {promoted['model_name']} v{promoted['version']} into {config.repo} "
+              f"(ONNX max |logit diff| {promoted['parity']['max_abs_diff']:.2e})")
+    except PromotionRefused as refused:  # an earlier, better champion stays served
+        print(f"not promoted: {refused}")
+    data = PreparedData.load(prepared)
+    _, val = data.split_tiles(-1)
+    tile = data.raw_tile(int(data.tiles.index[data.tiles["scene"] == val["scene"].iloc[0]][0]))
+    print(ask_server_once(Path(config.repo), summary["model_name"], tile))
     return 0
 
 

@@ -123,6 +123,7 @@ class MainConfig:
     epochs: int = _opt(3, "training epochs (brief, so the job finishes in minutes on a CPU)")
     encoder: str = _opt("tf_efficientnet_lite3", "timm encoder name")
     model_name: str = _opt("", "registered model name; empty: the task's default")
+    repo: str = _opt("triton_repo", "Triton model repository the new version is promoted into")
 
 
 @dataclass

@@ -221,16 +221,27 @@ def set_champion(name: str, version: str, previous: str | None, tags: dict[str, 
         client.set_model_version_tag(name, version, key, value)
 
 
-def log_promotion(summary: dict[str, Any], history: Path) -> None:
-    """Each promotion or rollback is a run of its own: which version, why, and the checks' figures."""
-    with start_run(run_name=f"{summary['action']}-{summary['model_name']}-v{summary['version']}",
-                   experiment="rsseg-promotions"):
-        mlflow.log_params({k: _param(summary[k]) for k in ("action", "model_name", "version") if k in summary})
-        mlflow.set_tag("reason", summary.get("reason", summary["action"]))
-        parity = summary.get("parity") or {}
-        if "max_abs_diff" in parity:
-            mlflow.log_metric("onnx_max_abs_logit_diff", parity["max_abs_diff"])
-        mlflow.log_metric("served_pixels_agree", summary["served_check"]["pixels_agree"])
-        mlflow.log_dict(summary, "promotion.json")
-        if history.is_file():
-            mlflow.log_artifact(str(history))
+def log_promotion(summary: dict[str, Any], history: Path) -> str:
+    """Each promotion or rollback is a run of its own in `rsseg-promotions`: which version, why, and the
+    checks' figures. Created through the client so it never collides with an enclosing project run
+    (`mlflow run . -e main` trains, registers and promotes in one go); it is nested under that run."""
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name("rsseg-promotions")
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment("rsseg-promotions")
+    tags = {"mlflow.runName": f"{summary['action']}-{summary['model_name']}-v{summary['version']}",
+            "reason": str(summary.get("reason", summary["action"]))}
+    parent = os.environ.get("MLFLOW_RUN_ID") or (mlflow.active_run().info.run_id if mlflow.active_run() else None)
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    run_id = client.create_run(experiment_id, tags=tags).info.run_id
+    for key in ("action", "model_name", "version"):
+        client.log_param(run_id, key, _param(summary[key]))
+    parity = summary.get("parity") or {}
+    if "max_abs_diff" in parity:
+        client.log_metric(run_id, "onnx_max_abs_logit_diff", parity["max_abs_diff"])
+    client.log_metric(run_id, "served_pixels_agree", summary["served_check"]["pixels_agree"])
+    client.log_dict(run_id, summary, "promotion.json")
+    if history.is_file():
+        client.log_artifact(run_id, str(history))
+    client.set_terminated(run_id)
+    return run_id

@@ -17,8 +17,6 @@ from tritonclient.utils import InferenceServerException
 from pipelines.train import train_and_register
 from rsseg.config import PromoteConfig
 from rsseg.data.datasets import PreparedData
-from rsseg.data.raster import read_window
-from rsseg.data.tiling import Window
 from rsseg.data.transforms import normalize
 from rsseg.errors import PromotionRefused
 from rsseg.inference import class_maps
@@ -43,10 +41,7 @@ def tree_digest(root: Path) -> str:
 
 def real_tiles(prepared: Path, n: int = 3) -> np.ndarray:
     data = PreparedData.load(prepared)
-    tiles = data.tiles.head(n)
-    scenes = data.scenes.set_index("scene")
-    return np.stack([read_window(scenes.loc[t.scene, "image"], Window(t.row, t.col, t.size, t.size), data.spec.bands)
-                     for t in tiles.itertuples()])
+    return np.stack([data.raw_tile(i) for i in range(n)])
 
 
 @pytest.fixture
@@ -90,11 +85,18 @@ def test_promote_serve_refuse_and_roll_back(two_versions, seaice_prepared, tmp_p
         assert spec["model_version"] == strong and spec["dataset"]["mean"] == [127.5] * 3
         served = infer_tiles(server.grpc_url, NAME, tiles)
         served_files = _infer_files(server.grpc_url, tiles[0])
+        maps, probabilities = infer_tiles(server.grpc_url, NAME, tiles, probabilities=True)
+        with_tta = infer_tiles(server.grpc_url, NAME, tiles, tta="d4")
         _bad_requests_get_errors_and_serving_goes_on(server.grpc_url, tiles)
     onnx = repo / step_names(NAME)["segmenter"] / "2" / "model.onnx"
     model_spec_ = _spec(repo, 2)
     np.testing.assert_array_equal(served, onnx_class_maps(onnx, model_spec_, tiles))
     np.testing.assert_array_equal(served_files, served[:1])
+    np.testing.assert_array_equal(maps, served)
+    assert probabilities.dtype == np.float16 and probabilities.shape == (3, 2, *tiles.shape[1:3])
+    np.testing.assert_allclose(probabilities.astype(np.float32).sum(axis=1), 1.0, atol=2e-3)
+    np.testing.assert_array_equal(probabilities.argmax(axis=1), served[:, 0])
+    assert with_tta.shape == served.shape
     import mlflow.pytorch
 
     model = mlflow.pytorch.load_model(f"models:/{NAME}/{strong}").eval()
@@ -141,6 +143,11 @@ def _bad_requests_get_errors_and_serving_goes_on(url: str, tiles: np.ndarray) ->
         "empty": tiles[:0],
     }
     with connect(url) as client:
+        # Request parameters reach the segmenter through the ensemble: an unknown TTA mode is refused.
+        good = grpcclient.InferInput("TILES", list(tiles[:1].shape), "UINT8")
+        good.set_data_from_numpy(tiles[:1])
+        with pytest.raises(InferenceServerException, match="tta must be one of"):
+            client.infer(NAME, [good], parameters={"tta": "bogus"})
         for what, array in bad.items():
             dtype = "FP32" if array.dtype == np.float32 else "UINT8"
             tensor = grpcclient.InferInput("TILES", list(array.shape), dtype)

@@ -49,6 +49,16 @@ class PreparedData:
         tiles = pd.read_csv(root / "tiles.csv", keep_default_na=False, dtype={"scene": str})
         return cls(root, spec, scenes, tiles)
 
+    def raw_tile(self, index: int) -> np.ndarray:
+        """Tile `index` of tiles.csv as raw HWC pixels in model band order (both dates for change data)."""
+        tile = self.tiles.iloc[index]
+        scene = self.scenes.set_index("scene").loc[tile["scene"]]
+        window = Window(int(tile["row"]), int(tile["col"]), int(tile["size"]), int(tile["size"]))
+        images = [read_window(scene["image"], window, self.spec.bands)]
+        if self.spec.task == "change":
+            images.append(read_window(scene["image_b"], window, self.spec.bands))
+        return np.concatenate(images, axis=-1)
+
     def split_tiles(self, fold: int) -> tuple[pd.DataFrame, pd.DataFrame]:
         """(train, val) tiles: the 9:1 split when fold < 0, else fold k is validation (train_k/val_k)."""
         if fold < 0:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -45,3 +46,21 @@ def infer_tiles(url: str, model: str, tiles: np.ndarray, *, probabilities: bool 
                               parameters={"tta": tta} if tta else None)
     maps = result.as_numpy("CLASS_MAP")
     return (maps, result.as_numpy("PROBABILITIES")) if probabilities else maps
+
+
+def ask_server_once(repo: Path, model: str, tile: np.ndarray) -> str:
+    """Start tritonserver on `repo` (loopback), segment one raw tile, stop; the answer as text."""
+    from rsseg.serving.server import TritonServer
+
+    with TritonServer(repo) as server:
+        server.wait_model_ready(model)
+        with connect(server.grpc_url) as client:
+            spec = served_spec(client, model)
+        maps = infer_tiles(server.grpc_url, model, tile[None])[0]
+    lines = [f"tritonserver {server.grpc_url} served {model} v{spec['model_version']} "
+             f"(Triton version {spec['triton']['version']}) for one {tile.shape[0]}x{tile.shape[1]} tile:"]
+    names = spec["dataset"]["classes"] if spec["dataset"]["task"] != "change" else ["unchanged", "changed"]
+    counts = np.bincount(maps[0].ravel(), minlength=len(names))
+    total = int(counts.sum())
+    lines += [f"  {name:<12} {int(n):>8} px  {100 * n / total:5.1f} %" for name, n in zip(names, counts, strict=False)]
+    return "\n".join(lines)
