@@ -94,7 +94,7 @@ def serving_benchmark(*, tile_size: int = 512, tiles: int = 16, batch: int = 4, 
     from rsseg.data.transforms import normalize
     from rsseg.export.onnx import export_onnx, onnx_session
     from rsseg.promotion import sample_tile
-    from rsseg.serving.client import TRITON_DTYPES, connect
+    from rsseg.serving.client import TRITON_DTYPES, connect, served_spec
     from rsseg.serving.repository import ServingOptions, stage_promotion
     from rsseg.serving.server import TritonServer
     from rsseg.spec import DatasetSpec, default_colors
@@ -128,15 +128,16 @@ def serving_benchmark(*, tile_size: int = 512, tiles: int = 16, batch: int = 4, 
                         ServingOptions(max_batch_size=batch * concurrency), {"benchmark": True})
         with TritonServer(repo) as server:
             server.wait_model_ready("bench")
-            # A batch of raw tiles out, a batch of class maps back: raise gRPC's 4 MB default to fit.
-            limit = batch * tile_size * tile_size * spec.in_channels + (1 << 20)
+            with connect(server.grpc_url) as probe:
+                limit = served_spec(probe, "bench")["triton"]["max_message_bytes"]
             with connect(server.grpc_url, limit) as client:
                 def request(b: np.ndarray) -> grpcclient.InferInput:
                     tensor = grpcclient.InferInput("TILES", list(b.shape), TRITON_DTYPES[str(b.dtype)])
                     tensor.set_data_from_numpy(b)
                     return tensor
 
-                client.infer("bench", [request(batches[0])])  # warm-up
+                # A segmentation client asks for the class map only.
+                client.infer("bench", [request(batches[0])], outputs=[grpcclient.InferRequestedOutput("CLASS_MAP")])
                 start = time.perf_counter()
                 _infer_with_concurrency(client, "bench", [request(b) for b in batches], concurrency)
                 result["triton_tiles_per_s"] = tiles / (time.perf_counter() - start)
@@ -151,12 +152,15 @@ def _infer_with_concurrency(client: Any, model: str, requests: list[Any], concur
     """Keep `concurrency` requests in flight until all are answered; raise the first error."""
     import queue
 
+    import tritonclient.grpc as grpcclient
+
     done: queue.Queue = queue.Queue()
     pending = list(requests)
     in_flight = 0
     while pending or in_flight:
         while pending and in_flight < concurrency:
-            client.async_infer(model, [pending.pop(0)], callback=lambda result, error: done.put(error))
+            client.async_infer(model, [pending.pop(0)], callback=lambda result, error: done.put(error),
+                               outputs=[grpcclient.InferRequestedOutput("CLASS_MAP")])
             in_flight += 1
         error = done.get(timeout=600)
         in_flight -= 1
