@@ -1,0 +1,425 @@
+"""Segmenting a whole scene window by window with any `predict` (ONNX Runtime, Triton, a test stub).
+
+The scene is read with rasterio one window at a time (never whole), predictions are stitched row of
+windows by row of windows and finished rows are written as they complete, so memory is bounded by one
+row of windows (plus, when blending, the probability sums of the rows the next row still overlaps).
+
+Two modes (see rsseg.client.windows for the geometry):
+
+- "centre": windows at stride tile - 2*margin, each keeps its centre. With margin >= the model's
+  receptive field the stitched map equals a whole-image pass exactly. `predict` returns class maps.
+- "blend": windows at stride tile - margin, probabilities blended with smooth weights, then argmax.
+  `predict` must return probabilities (softmax per output group, as Triton's PROBABILITIES).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+from rasterio.enums import MaskFlags
+from rasterio.errors import RasterioIOError
+from rasterio.windows import Window as RioWindow
+from tqdm import tqdm
+
+from rsseg.client.stitch import NODATA, BlendBand, CentreStrip
+from rsseg.client.windows import (
+    PlannedWindow,
+    choose_tile_size,
+    plan_blend_windows,
+    plan_windows,
+    reflect_index,
+)
+from rsseg.client.writer import (
+    ClassMapWriter,
+    head_classes,
+    write_preview,
+    write_summary,
+)
+from rsseg.errors import ConfigError, DataError
+from rsseg.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+MODES = ("centre", "blend")
+# predict(tiles [N, H, W, C] raw, the spec's dtype) -> class maps [N, G, H, W] (centre) or probabilities
+# [N, K, H, W] (blend); a tuple is read as (class_maps, probabilities), like infer_tiles' answer.
+Predict = Callable[[np.ndarray], "np.ndarray | tuple[np.ndarray, ...]"]
+
+
+@dataclass
+class SceneSummary:
+    """What segment_scene did: geometry, class pixel counts and areas per output head, timings."""
+
+    src: str
+    out: str
+    model_name: str | None
+    model_version: str | None
+    mode: str
+    tile: int
+    margin: int
+    stride: int
+    batch: int
+    height: int
+    width: int
+    crs: str | None
+    transform: list[float]
+    pixel_area: float  # in area_unit (CRS units squared, from the transform)
+    area_unit: str
+    heads: dict[str, dict[str, Any]]  # head -> classes, pixels {class: n}, area {class: a}, nodata_pixels
+    windows: int
+    windows_predicted: int
+    windows_skipped: int  # all nodata: predict was not called for them
+    predict_calls: int
+    # read_s, predict_s (summed over calls: exceeds wall time when in_flight > 1), write_s (compression,
+    # overviews), total_s (wall, preview and summary included)
+    timings: dict[str, float] = field(default_factory=dict)
+    preview: str | None = None
+    summary: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def default_margin(tile: int, stride: int, mode: str = "centre") -> int:
+    """Centre: tile/8 rounded to a multiple of the stride (at least one stride while the tile allows).
+    Blend: twice that, the overlap, capped at tile/2: the same number of windows and, at the blending
+    switch-over, about the same context as centre mode."""
+    cap = (tile - stride) // 2 // stride * stride
+    centre = min(max(stride, stride * round(tile / 8 / stride)), max(cap, 0))
+    if mode == "centre":
+        return centre
+    return min(2 * centre, tile // 2 // stride * stride)
+
+
+def segment_scene(
+    src_path: str | Path,
+    out_path: str | Path,
+    predict: Predict,
+    spec: ModelSpec,
+    *,
+    mode: str = "centre",
+    margin: int | None = None,
+    tile: int | None = None,
+    bands: Sequence[int] | None = None,
+    nodata: float | None = None,
+    batch: int = 4,
+    progress: bool = True,
+    in_flight: int = 1,
+    summary_path: str | Path | None = None,
+    preview_path: str | Path | None = None,
+) -> SceneSummary:
+    """Segment the raster at `src_path` into a class-map GeoTIFF at `out_path`.
+
+    Args:
+        predict: raw tiles [N, tile, tile, C] (the spec's dtype, C = len(bands)) -> in "centre" mode
+            class maps [N, G, tile, tile] (integers < 255), in "blend" mode probabilities [N, K, tile,
+            tile] (float, softmax per output group, K = spec.num_output_channels). A returned tuple is
+            read as (class_maps, probabilities). N <= batch. Never called for windows with no valid pixel.
+        spec: the model's spec (bands, dtype, nodata, classes/colours, tile sizes, stride, outputs).
+        mode: "centre" (exact stitching) or "blend" (probability blending); see the module docstring.
+        margin: centre: pixels dropped on each inner window side; blend: the overlap of neighbours.
+            Default: `default_margin`. Must keep window starts on the stride grid.
+        tile: window size, a multiple of spec.stride; default choose_tile_size over spec.tile_sizes.
+        bands: 1-based bands of the file, in model order; default spec.dataset.bands.
+        nodata: input value marking missing pixels (all bands equal to it); default the file's nodata,
+            else spec.dataset.nodata. Pixels masked by the file's dataset mask / alpha are missing too.
+            Missing pixels are 255 in the output.
+        batch: windows per predict call.
+        progress: show a progress bar (stderr).
+        in_flight: predict calls allowed to run at once (threads, within one row of windows); 1 calls
+            predict in this thread. `predict` must be thread-safe when > 1.
+        summary_path / preview_path: also write the JSON summary / a colour PNG preview there.
+
+    Returns the SceneSummary. The output is written under a temp name and renamed when complete: on any
+    error (a failing predict included) no file is left at `out_path`.
+    """
+    start = time.perf_counter()
+    if mode not in MODES:
+        raise ConfigError(f"mode {mode!r} is not one of {', '.join(MODES)}")
+    if batch < 1 or in_flight < 1:
+        raise ConfigError(f"batch and in_flight must be >= 1, got batch={batch}, in_flight={in_flight}")
+    src_path, out_path = Path(src_path), Path(out_path)
+    try:
+        src = rasterio.open(src_path)
+    except RasterioIOError as exc:
+        raise DataError(f"{src_path}: cannot read as a raster ({str(exc).splitlines()[0][:200]})") from None
+    with src:
+        band_list = _check_bands(src, spec, bands)
+        height, width, stride = src.height, src.width, int(spec.stride)
+        tile = int(tile or choose_tile_size(height, width, spec.tile_sizes))
+        if tile % stride:
+            raise ConfigError(f"tile {tile} is not a multiple of the model stride {stride}")
+        margin = default_margin(tile, stride, mode) if margin is None else int(margin)
+        _check_margin(tile, margin, stride, mode)
+        if nodata is None:
+            nodata = src.nodata if src.nodata is not None else spec.dataset.nodata
+        plan = (plan_windows if mode == "centre" else plan_blend_windows)(height, width, tile, margin, stride)
+        reader = _WindowReader(src, band_list, nodata)
+        run = _Run(predict, spec, tile, in_flight, mode)
+        log.info("segmenting %s (%dx%d, bands %s) in %s mode: tile %d, margin %d, %d windows",
+                 src_path, height, width, band_list, mode, tile, margin, len(plan))
+        bar = tqdm(total=len(plan), desc="segment", unit="window", disable=not progress, file=sys.stderr)
+        try:
+            with ClassMapWriter(out_path, height=height, width=width, crs=src.crs, transform=src.transform,
+                                spec=spec) as writer:
+                rows = _rows(plan)
+                if mode == "centre":
+                    _centre(rows, reader, run, writer, batch, bar)
+                else:
+                    _blend(rows, reader, run, writer, batch, bar, spec, height, width, tile, margin)
+        finally:
+            run.close()
+            bar.close()
+        crs, transform = src.crs, src.transform
+    timings = {"read_s": reader.seconds, "predict_s": run.seconds, "write_s": writer.seconds, "total_s": 0.0}
+    pixel_area = abs(transform.a * transform.e - transform.b * transform.d)  # rotated/sheared too
+    summary = SceneSummary(
+        src=str(src_path), out=str(out_path), model_name=spec.model_name, model_version=spec.model_version,
+        mode=mode, tile=tile, margin=margin, stride=stride, batch=batch, height=height, width=width,
+        crs=crs.to_string() if crs else None, transform=list(transform)[:6],
+        pixel_area=pixel_area, area_unit=f"{_linear_unit(crs)}^2",
+        heads=_head_counts(writer.counts, spec, pixel_area),
+        windows=len(plan), windows_predicted=run.windows, windows_skipped=len(plan) - run.windows,
+        predict_calls=run.calls, timings=timings,
+    )
+    if preview_path is not None:
+        summary.preview = str(write_preview(preview_path, out_path, spec))
+    summary.timings["total_s"] = time.perf_counter() - start
+    if summary_path is not None:
+        summary.summary = str(summary_path)
+        write_summary(summary_path, summary.to_dict())
+    log.info("segmented %s -> %s in %.1f s (%d windows, %d skipped as nodata, %d predict calls)", src_path,
+             out_path, summary.timings["total_s"], len(plan), summary.windows_skipped, run.calls)
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------ checks
+
+
+def _check_bands(src: Any, spec: ModelSpec, bands: Sequence[int] | None) -> list[int]:
+    band_list = [int(b) for b in (bands or spec.dataset.bands)]
+    bad = [b for b in band_list if not 1 <= b <= src.count]
+    if bad:
+        raise ConfigError(f"{src.name}: band(s) {bad} do not exist; the file has bands 1..{src.count}")
+    if len(band_list) != spec.in_channels:
+        raise ConfigError(f"{len(band_list)} bands {band_list} selected but the model takes {spec.in_channels} "
+                          "channels; pass bands= (change models: both dates' bands, stacked in one file)")
+    dtypes = {src.dtypes[b - 1] for b in band_list}
+    if dtypes != {spec.dataset.dtype}:
+        raise DataError(f"{src.name}: bands {band_list} are {', '.join(sorted(dtypes))} but the model takes "
+                        f"{spec.dataset.dtype}; convert the scene (e.g. gdal_translate -ot) to what it was "
+                        "trained on")
+    return band_list
+
+
+def _check_margin(tile: int, margin: int, stride: int, mode: str) -> None:
+    if mode == "centre":
+        if margin < 0 or tile - 2 * margin < stride or (2 * margin) % stride:
+            raise ConfigError(f"centre margin {margin} for tile {tile}: need 0 <= 2*margin <= tile - {stride} "
+                              f"with 2*margin a multiple of the stride {stride} (windows must start on its grid)")
+    elif margin < 0 or 2 * margin > tile or margin % stride:
+        raise ConfigError(f"blend margin {margin} for tile {tile}: need a multiple of the stride {stride} "
+                          "in [0, tile/2]")
+
+
+def _linear_unit(crs: Any) -> str:
+    """The unit of the CRS axes ("metre", "US survey foot", "degree" for geographic CRSs)."""
+    if crs is None:
+        return "pixel"
+    try:
+        return crs.units_factor[0] or "unknown"
+    except Exception:  # noqa: BLE001 - a CRS without units (engineering, custom WKT): say so, do not fail
+        return "unknown"
+
+
+def _head_counts(counts: np.ndarray, spec: ModelSpec, area: float) -> dict[str, dict[str, Any]]:
+    heads = {}
+    for i, group in enumerate(spec.outputs):
+        names = head_classes(spec, i)
+        pixels = {name: int(counts[i, k]) for k, name in enumerate(names)}
+        heads[group.name] = {
+            "classes": names,
+            "pixels": pixels,
+            "area": {name: n * area for name, n in pixels.items()},
+            "nodata_pixels": int(counts[i, NODATA]),
+            # classes predict should never return (0 unless it misbehaves)
+            "other_pixels": int(counts[i].sum() - sum(pixels.values()) - counts[i, NODATA]),
+        }
+    return heads
+
+
+# ------------------------------------------------------------------------------------------------ reading
+
+
+class _WindowReader:
+    """Reads a planned window (reflect-padded past the bottom/right edge) and its validity mask."""
+
+    def __init__(self, src: Any, bands: list[int], nodata: float | None) -> None:
+        self.src, self.bands, self.nodata = src, bands, nodata
+        flags = [src.mask_flag_enums[b - 1] for b in bands]
+        # An internal/sidecar mask or an alpha band marks missing pixels beside (or instead of) nodata.
+        self.use_mask = any(MaskFlags.per_dataset in f or MaskFlags.alpha in f for f in flags)
+        self.seconds = 0.0
+
+    def read(self, w: PlannedWindow) -> tuple[np.ndarray, np.ndarray]:
+        t0 = time.perf_counter()
+        rows = reflect_index(np.arange(w.row, w.row + w.size), self.src.height)
+        cols = reflect_index(np.arange(w.col, w.col + w.size), self.src.width)
+        r0, c0 = int(rows.min()), int(cols.min())
+        rio = RioWindow(c0, r0, int(cols.max()) - c0 + 1, int(rows.max()) - r0 + 1)
+        index = np.ix_(rows - r0, cols - c0)
+        data = self.src.read(self.bands, window=rio)
+        tile = np.ascontiguousarray(np.moveaxis(data, 0, -1)[index])
+        valid = np.ones(tile.shape[:2], dtype=bool)
+        if self.nodata is not None:
+            valid &= ~np.all(tile == self.nodata, axis=-1)
+        if self.use_mask:
+            valid &= self.src.read_masks(self.bands[0], window=rio)[index] > 0
+        self.seconds += time.perf_counter() - t0
+        return tile, valid
+
+
+def _rows(plan: list[PlannedWindow]) -> list[list[PlannedWindow]]:
+    rows: dict[int, list[PlannedWindow]] = {}
+    for w in plan:
+        rows.setdefault(w.grid_row, []).append(w)
+    return [rows[i] for i in sorted(rows)]
+
+
+# ------------------------------------------------------------------------------------------------ predict
+
+
+class _Run:
+    """Calls predict on batches, at most `in_flight` at once, and checks what comes back."""
+
+    def __init__(self, predict: Predict, spec: ModelSpec, tile: int, in_flight: int, mode: str) -> None:
+        self.predict, self.tile, self.mode, self.in_flight = predict, tile, mode, in_flight
+        self.channels = len(spec.outputs) if mode == "centre" else spec.num_output_channels
+        self.pool = ThreadPoolExecutor(in_flight, thread_name_prefix="rsseg-predict") if in_flight > 1 else None
+        self.pending: deque[tuple[Future, list[PlannedWindow], Callable]] = deque()
+        self.lock = threading.Lock()
+        self.seconds = 0.0
+        self.calls = 0
+        self.windows = 0
+
+    def _call(self, tiles: np.ndarray) -> np.ndarray:
+        t0 = time.perf_counter()
+        result = self.predict(tiles)
+        with self.lock:
+            self.seconds += time.perf_counter() - t0
+            self.calls += 1
+        return self._check(result, len(tiles))
+
+    def _check(self, result: Any, n: int) -> np.ndarray:
+        if isinstance(result, tuple):
+            if self.mode == "blend" and len(result) < 2:
+                raise DataError("blend mode: predict returned a 1-tuple; it must return probabilities "
+                                "(or (class_maps, probabilities))")
+            result = result[0] if self.mode == "centre" else result[1]
+        out = np.asarray(result)
+        want = (n, self.channels, self.tile, self.tile)
+        what = "class maps" if self.mode == "centre" else "probabilities"
+        if out.shape != want:
+            raise DataError(f"predict returned shape {out.shape}; expected {what} {want}")
+        if self.mode == "centre":
+            if not np.issubdtype(out.dtype, np.integer):
+                raise DataError(f"centre mode: predict returned {out.dtype}; it must return integer class maps "
+                                "(use mode='blend' for probabilities)")
+            return out.astype(np.uint8, copy=False)
+        if not np.issubdtype(out.dtype, np.floating):
+            raise DataError(f"blend mode: predict returned {out.dtype}; it must return float probabilities")
+        return out.astype(np.float32, copy=False)
+
+    def submit(self, windows: list[PlannedWindow], tiles: list[np.ndarray],
+               done: Callable[[PlannedWindow, np.ndarray], None]) -> None:
+        if not windows:
+            return
+        self.windows += len(windows)
+        batch = np.stack(tiles)
+        if self.pool is None:
+            self._deliver(windows, self._call(batch), done)
+            return
+        while len(self.pending) >= self.in_flight:
+            self._collect_oldest()
+        self.pending.append((self.pool.submit(self._call, batch), windows, done))
+
+    def _collect_oldest(self) -> None:
+        future, windows, done = self.pending.popleft()
+        self._deliver(windows, future.result(), done)
+
+    @staticmethod
+    def _deliver(windows: list[PlannedWindow], out: np.ndarray, done: Callable) -> None:
+        for w, result in zip(windows, out, strict=True):
+            done(w, result)
+
+    def drain(self) -> None:
+        while self.pending:
+            self._collect_oldest()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            for future, _, _ in self.pending:
+                future.cancel()
+            self.pending.clear()
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _feed(row: list[PlannedWindow], reader: _WindowReader, run: _Run, batch: int, bar: tqdm,
+          skip: Callable[[PlannedWindow, np.ndarray], bool],
+          valid_to: Callable[[PlannedWindow, np.ndarray], None],
+          done: Callable[[PlannedWindow, np.ndarray], None]) -> None:
+    """Read a row of windows, send the ones with valid pixels to predict in batches, wait for all."""
+    windows: list[PlannedWindow] = []
+    tiles: list[np.ndarray] = []
+    for w in row:
+        tile, valid = reader.read(w)
+        valid_to(w, valid)
+        if not skip(w, valid):
+            windows.append(w)
+            tiles.append(tile)
+        if len(windows) == batch:
+            run.submit(windows, tiles, done)
+            windows, tiles = [], []
+        bar.update(1)
+    run.submit(windows, tiles, done)
+    run.drain()
+
+
+def _centre(rows: list[list[PlannedWindow]], reader: _WindowReader, run: _Run, writer: ClassMapWriter,
+            batch: int, bar: tqdm) -> None:
+    for row in rows:
+        strip = CentreStrip(row, writer.heads, writer.width)
+
+        def no_kept_data(w: PlannedWindow, valid: np.ndarray) -> bool:
+            k = w.keep
+            return not valid[k.row:k.row + k.height, k.col:k.col + k.width].any()
+
+        _feed(row, reader, run, batch, bar, no_kept_data, strip.set_valid, strip.put)
+        writer.write_rows(strip.row, strip.finish())
+
+
+def _blend(rows: list[list[PlannedWindow]], reader: _WindowReader, run: _Run, writer: ClassMapWriter,
+           batch: int, bar: tqdm, spec: ModelSpec, height: int, width: int, tile: int, margin: int) -> None:
+    band = BlendBand(spec.outputs, width, tile, margin, len(rows) - 1, len(rows[0]) - 1)
+
+    def no_data(w: PlannedWindow, valid: np.ndarray) -> bool:
+        return not valid[:w.out.height, :w.out.width].any()
+
+    for i, row in enumerate(rows):
+        _feed(row, reader, run, batch, bar, no_data, band.set_valid, band.add)
+        # Rows above the next row of windows get no more contributions: finish and write them.
+        popped = band.pop_until(rows[i + 1][0].row if i + 1 < len(rows) else height)
+        if popped is not None:
+            writer.write_rows(*popped)

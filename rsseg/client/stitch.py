@@ -1,0 +1,133 @@
+"""Putting window predictions back together: centre-keep strips and weighted probability blending.
+
+Both keep only what is needed for the current row of windows (plus, for blending, the rows still
+overlapped by the next row of windows), so memory does not grow with the scene height.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+from rsseg.client.windows import PlannedWindow, blend_weights, on_scene_edges
+from rsseg.spec import OutputGroup
+
+NODATA = 255  # class value of nodata pixels in the output map
+
+
+def class_maps_from_probabilities(probabilities: np.ndarray, groups: Sequence[OutputGroup]) -> np.ndarray:
+    """[N, K, H, W] per-group probabilities (or logits) -> [N, G, H, W] uint8 class maps.
+
+    The numpy twin of rsseg.inference.class_maps (the tests compare them): argmax per group; for change
+    models the semantic maps are 0 ("unchanged") where no change is predicted and the best class >= 1
+    where it is.
+    """
+    parts, start = {}, 0
+    for g in groups:
+        parts[g.name] = probabilities[:, start:start + g.channels]
+        start += g.channels
+    if start != probabilities.shape[1]:
+        raise ValueError(f"probabilities have {probabilities.shape[1]} channels, the output groups {start}")
+    maps = {name: part.argmax(axis=1) for name, part in parts.items()}
+    if "change" in parts:
+        changed = maps["change"] == 1
+        for name in ("semantic_a", "semantic_b"):
+            if name in parts:
+                maps[name] = np.where(changed, parts[name][:, 1:].argmax(axis=1) + 1, 0)
+    return np.stack([maps[g.name] for g in groups], axis=1).astype(np.uint8)
+
+
+class CentreStrip:
+    """The output rows of one row of centre-keep windows: [G, h, W] class maps plus a validity mask."""
+
+    def __init__(self, windows: Sequence[PlannedWindow], heads: int, width: int) -> None:
+        self.row = windows[0].out.row
+        height = windows[0].out.height
+        self.maps = np.full((heads, height, width), NODATA, dtype=np.uint8)
+        self.valid = np.zeros((height, width), dtype=bool)
+
+    def set_valid(self, window: PlannedWindow, valid: np.ndarray) -> None:
+        """`valid`: the window's [size, size] validity; its kept part is copied."""
+        k, o = window.keep, window.out
+        self.valid[:, o.col:o.col + o.width] = valid[k.row:k.row + k.height, k.col:k.col + k.width]
+
+    def put(self, window: PlannedWindow, maps: np.ndarray) -> None:
+        """`maps`: the window's [G, size, size] class maps; its kept part goes into the strip."""
+        k, o = window.keep, window.out
+        self.maps[:, :, o.col:o.col + o.width] = maps[:, k.row:k.row + k.height, k.col:k.col + k.width]
+
+    def finish(self) -> np.ndarray:
+        """The strip's class maps with nodata pixels set to NODATA."""
+        self.maps[:, ~self.valid] = NODATA
+        return self.maps
+
+
+class BlendBand:
+    """Weighted sums of window probabilities over the scene rows that are still open.
+
+    Windows of one layout row are added, then `pop_until(next_row_start)` returns the rows no later
+    window touches (normalised by the summed weights, argmaxed per group, nodata applied) and drops them.
+    Weights taper only towards neighbouring windows: on the scene edge a window is the only
+    (and best-informed) prediction, so it keeps full weight there.
+    """
+
+    def __init__(self, groups: Sequence[OutputGroup], width: int, tile: int, margin: int,
+                 last_grid_row: int, last_grid_col: int) -> None:
+        self.groups = list(groups)
+        self.channels = sum(g.channels for g in groups)
+        self.width = width
+        self.tile = tile
+        self.margin = margin
+        self.last = (last_grid_row, last_grid_col)
+        self._weights: dict[tuple[bool, ...], np.ndarray] = {}  # by edge flags: at most 9 distinct
+        self.top = 0  # scene row of acc[:, 0]
+        self.acc = np.zeros((self.channels, 0, width), dtype=np.float32)
+        self.weight = np.zeros((0, width), dtype=np.float32)
+        self.valid = np.zeros((0, width), dtype=bool)
+
+    def _grow(self, bottom: int) -> None:
+        extra = bottom - (self.top + self.acc.shape[1])
+        if extra > 0:
+            self.acc = np.concatenate([self.acc, np.zeros((self.channels, extra, self.width), np.float32)], axis=1)
+            self.weight = np.concatenate([self.weight, np.zeros((extra, self.width), np.float32)])
+            self.valid = np.concatenate([self.valid, np.zeros((extra, self.width), bool)])
+
+    def weights_for(self, window: PlannedWindow) -> np.ndarray:
+        edges = on_scene_edges(window, *self.last)
+        key = tuple(edges.values())
+        if key not in self._weights:
+            self._weights[key] = blend_weights(self.tile, self.margin, **edges)
+        return self._weights[key]
+
+    def set_valid(self, window: PlannedWindow, valid: np.ndarray) -> None:
+        o = window.out
+        self._grow(o.row + o.height)
+        r0 = o.row - self.top
+        self.valid[r0:r0 + o.height, o.col:o.col + o.width] = valid[:o.height, :o.width]
+
+    def add(self, window: PlannedWindow, probabilities: np.ndarray) -> None:
+        """`probabilities`: the window's [K, size, size]; its in-scene part is accumulated."""
+        o = window.out
+        if o.row < self.top:
+            raise ValueError(f"window at row {o.row} adds to rows already written (up to {self.top})")
+        self._grow(o.row + o.height)
+        w = self.weights_for(window)[:o.height, :o.width]
+        r0 = o.row - self.top
+        self.acc[:, r0:r0 + o.height, o.col:o.col + o.width] += probabilities[:, :o.height, :o.width] * w
+        self.weight[r0:r0 + o.height, o.col:o.col + o.width] += w
+
+    def pop_until(self, row: int) -> tuple[int, np.ndarray] | None:
+        """Class maps [G, h, W] of the open rows above `row` (and their first row), or None if none."""
+        n = min(row - self.top, self.acc.shape[1])
+        if n <= 0:
+            return None
+        weight = self.weight[:n]
+        covered = weight > 0  # 0 only where every window was skipped as nodata
+        probs = self.acc[:, :n] / np.where(covered, weight, 1.0)
+        maps = class_maps_from_probabilities(probs[None], self.groups)[0]
+        maps[:, ~(covered & self.valid[:n])] = NODATA
+        top = self.top
+        self.acc, self.weight, self.valid = self.acc[:, n:], self.weight[n:], self.valid[n:]
+        self.top += n
+        return top, maps
