@@ -1,0 +1,117 @@
+"""`python clients/segment.py` against a real tritonserver serving a promoted-layout repository.
+
+The model is the tiny UNet without global-average blocks (see tests/test_scene_client.py for why
+exact stitching needs a bounded receptive field), exported and written by the promotion code.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+
+from rsseg.client.cli import main
+from rsseg.data.synthetic import write_geotiff
+from rsseg.serving.repository import ServingOptions, stage_promotion
+from rsseg.serving.server import TritonServer, free_loopback_ports
+from tests.conftest import PROJECT
+from tests.test_scene_client import (
+    EXACT_MARGIN,
+    EXACT_TILE,
+    UTM,
+    build_model,
+    read_map,
+    scene_image,
+    whole_image,
+)
+
+pytestmark = pytest.mark.triton
+NAME = "scene-test"
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    import torch
+
+    tmp = tmp_path_factory.mktemp("served")
+    model = build_model(tmp, "local", attention="none", encoder_kwargs={"se_layer": torch.nn.Identity})
+    repo = tmp / "repo"
+    stage_promotion(tmp / "none", repo, NAME, model.spec, model.path, ServingOptions(max_batch_size=4),
+                    {"test": True})
+    with TritonServer(repo) as server:
+        server.wait_model_ready(NAME)
+        yield server, model
+
+
+def scene_file(path: Path, shape=(300, 460), nodata=None) -> tuple[Path, np.ndarray]:
+    image = scene_image(shape)
+    write_geotiff(path, image, crs=UTM, nodata=nodata)
+    return path, image
+
+
+def test_stitched_scene_equals_whole_image_and_keeps_georeferencing(served, tmp_path):
+    server, model = served
+    src, image = scene_file(tmp_path / "scene.tif")
+    code = main([str(src), "--out", str(tmp_path / "out"), "--url", server.grpc_url, "--tile", str(EXACT_TILE),
+                 "--margin", str(EXACT_MARGIN), "--no-progress"])
+    assert code == 0
+    out = tmp_path / "out" / "scene.classes.tif"
+    np.testing.assert_array_equal(read_map(out), whole_image(model, image, EXACT_TILE))
+    with rasterio.open(src) as a, rasterio.open(out) as b:
+        assert (a.crs, a.transform, a.width, a.height) == (b.crs, b.transform, b.width, b.height)
+        assert b.nodata == 255 and b.colormap(1)[1][:3] == (255, 255, 255)
+    summary = json.loads((tmp_path / "out" / "scene.json").read_text())
+    assert summary["model_name"] == "rsseg-scene-test"
+    assert (tmp_path / "out" / "scene.preview.png").is_file()
+    # A re-run skips the complete output.
+    before = out.stat().st_mtime_ns
+    assert main([str(src), "--out", str(tmp_path / "out"), "--url", server.grpc_url, "--no-progress"]) == 0
+    assert out.stat().st_mtime_ns == before
+
+
+def test_real_landsat_scene_keeps_crs_transform_and_nodata(served, tmp_path):
+    server, _ = served
+    src = PROJECT.parent / "shared" / "data" / "scenes" / "RGB.byte.tif"
+    if not src.is_file():
+        pytest.skip("../shared/data/scenes/RGB.byte.tif not present")
+    assert main([str(src), "--out", str(tmp_path), "--url", server.grpc_url, "--no-progress"]) == 0
+    with rasterio.open(src) as a, rasterio.open(tmp_path / "RGB.byte.classes.tif") as b:
+        assert (a.crs, a.transform, a.width, a.height) == (b.crs, b.transform, b.width, b.height)
+        out = b.read(1)
+        outside = (a.read() == a.nodata).all(axis=0)
+    assert outside.any() and (out[outside] == 255).all() and (out[~outside] != 255).all()
+
+
+def test_bad_inputs_fail_cleanly_and_the_run_goes_on(served, tmp_path):
+    server, _ = served
+    good, _ = scene_file(tmp_path / "good.tif", shape=(100, 120))
+    broken = tmp_path / "broken.tif"
+    broken.write_bytes(b"not a raster")
+    two_bands = tmp_path / "two.tif"
+    write_geotiff(two_bands, np.zeros((64, 64, 2), np.uint8), crs=UTM)
+    out = tmp_path / "out"
+    done = subprocess.run([sys.executable, str(PROJECT / "clients" / "segment.py"), str(broken), str(two_bands),
+                           str(good), "--out", str(out), "--url", server.grpc_url, "--no-progress"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
+    assert any(str(broken) in e for e in errors) and any(str(two_bands) in e and "--bands" in e for e in errors)
+    assert "2 of 3 scene(s) failed" in errors[-1]
+    assert sorted(p.name for p in out.iterdir()) == ["good.classes.tif", "good.json", "good.preview.png"]
+
+
+def test_unreachable_server_is_one_line_with_the_url(tmp_path):
+    src, _ = scene_file(tmp_path / "scene.tif", shape=(64, 64))
+    (port,) = free_loopback_ports(1)
+    url = f"127.0.0.1:{port}"
+    done = subprocess.run([sys.executable, str(PROJECT / "clients" / "segment.py"), str(src), "--out",
+                           str(tmp_path / "out"), "--url", url, "--retries", "1"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines()[-1].startswith("error: ") and url in done.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
