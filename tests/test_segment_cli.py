@@ -115,3 +115,50 @@ def test_unreachable_server_is_one_line_with_the_url(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("error: ") and url in done.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.fixture(scope="module")
+def served_change(tmp_path_factory):
+    """A tiny siamese change model (no global blocks) served under the promotion layout."""
+    import torch
+
+    from rsseg.export.onnx import export_onnx
+    from rsseg.models import create_model
+    from rsseg.spec import DatasetSpec, ModelSpec, OutputGroup
+
+    tmp = tmp_path_factory.mktemp("served_change")
+    torch.manual_seed(0)
+    outputs = [OutputGroup("change", 2)]
+    model = create_model("siamese_unet", "test_efficientnet", 6, outputs, attention="none",
+                         encoder_kwargs={"se_layer": torch.nn.Identity}).eval()
+    dataset = DatasetSpec(name="change-test", task="change", classes=["no_change", "change"],
+                          colors=[[0, 0, 0], [255, 255, 255]], bands=[1, 2, 3])
+    spec = ModelSpec(dataset=dataset, architecture="siamese_unet", encoder="test_efficientnet", in_channels=6,
+                     outputs=outputs, tile_size=64, tile_sizes=[64], stride=model.stride,
+                     model_name="change-test", model_version="1")
+    onnx = export_onnx(model, spec, tmp / "change.onnx")
+    repo = tmp / "repo"
+    stage_promotion(tmp / "none", repo, "change-test", spec, onnx, ServingOptions(max_batch_size=4), {"test": True})
+    with TritonServer(repo) as server:
+        server.wait_model_ready("change-test")
+        yield server, spec, onnx
+
+
+def test_change_pair_is_read_over_the_same_windows(served_change, tmp_path):
+    from rsseg.promotion import onnx_class_maps
+
+    server, spec, onnx = served_change
+    before, after = scene_image((64, 64), seed=1), scene_image((64, 64), seed=2)
+    write_geotiff(tmp_path / "a.tif", before, crs=UTM)
+    write_geotiff(tmp_path / "b.tif", after, crs=UTM)
+    code = main(["--before", str(tmp_path / "a.tif"), "--after", str(tmp_path / "b.tif"), "--out", str(tmp_path / "out"),
+                 "--url", server.grpc_url, "--tile", "64", "--no-progress"])
+    assert code == 0
+    expected = onnx_class_maps(onnx, spec, np.concatenate([before, after], axis=-1)[None])[0]
+    np.testing.assert_array_equal(read_map(tmp_path / "out" / "a_b.classes.tif").reshape(expected.shape), expected)
+    # A pair on different grids is refused in one line, with no output.
+    write_geotiff(tmp_path / "c.tif", scene_image((64, 80), seed=3), crs=UTM)
+    code = main(["--before", str(tmp_path / "a.tif"), "--after", str(tmp_path / "c.tif"), "--out", str(tmp_path / "out2"),
+                 "--url", server.grpc_url, "--no-progress"])
+    assert code == 1
+    assert not (tmp_path / "out2" / "a_c.classes.tif").exists()
