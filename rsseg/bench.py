@@ -91,10 +91,11 @@ def serving_benchmark(*, tile_size: int = 512, tiles: int = 16, batch: int = 4, 
 
     import tritonclient.grpc as grpcclient
 
+    from rsseg.client.triton import TRITON_DTYPES
     from rsseg.data.transforms import normalize
     from rsseg.export.onnx import export_onnx, onnx_session
     from rsseg.promotion import sample_tile
-    from rsseg.serving.client import TRITON_DTYPES, connect, served_spec
+    from rsseg.serving.client import connect, served_spec
     from rsseg.serving.repository import ServingOptions, stage_promotion
     from rsseg.serving.server import TritonServer
     from rsseg.spec import DatasetSpec, default_colors
@@ -121,7 +122,6 @@ def serving_benchmark(*, tile_size: int = 512, tiles: int = 16, batch: int = 4, 
         for b in batches:
             ort_batch(b)
         result["onnxruntime_tiles_per_s"] = tiles / (time.perf_counter() - start)
-        del session
 
         repo = Path(tmp) / "repo"
         stage_promotion(Path(tmp) / "none", repo, "bench", spec, onnx_path,

@@ -16,7 +16,12 @@ from tritonclient.grpc import model_config_pb2
 
 from rsseg.data.transforms import normalize
 from rsseg.inference import class_maps as torch_class_maps
-from rsseg.serving.repository import MODELS_DIR, ServingOptions, model_configs, step_names
+from rsseg.serving.repository import (
+    MODELS_DIR,
+    ServingOptions,
+    model_configs,
+    step_names,
+)
 from rsseg.spec import DatasetSpec, ModelSpec, OutputGroup
 
 

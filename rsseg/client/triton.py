@@ -46,7 +46,7 @@ class TritonSegmenter:
         probe = self._connect(self.urls[0], bootstrap=True)
         try:
             self.model = model or _the_served_model(probe, self.urls[0])
-            raw = _served_spec_dict(probe, self.model, self.urls[0], protocol)
+            raw = served_spec_dict(probe, self.model, self.urls[0], protocol)
         finally:
             probe.close()
         self.served = raw
@@ -70,6 +70,11 @@ class TritonSegmenter:
 
     def __call__(self, tiles: np.ndarray, *, probabilities: bool = False) -> np.ndarray:
         return self._infer_with_retries(next(self._next), tiles, probabilities)
+
+    def infer(self, tiles: np.ndarray, outputs: Sequence[str] = ("CLASS_MAP",), tta: str | None = None
+              ) -> dict[str, np.ndarray]:
+        """One request (no retries) asking for any of CLASS_MAP/PROBABILITIES, optionally with TTA."""
+        return self._request(self._clients[next(self._next)], tiles, outputs, tta)
 
     def map(self, batches: Iterable[np.ndarray], *, probabilities: bool = False) -> Iterator[np.ndarray]:
         """Results in input order, with at most `max_in_flight` requests outstanding. The input iterator
@@ -100,19 +105,25 @@ class TritonSegmenter:
                               f"({_one_line(error)})")
 
     def _infer(self, client: Any, tiles: np.ndarray, probabilities: bool) -> np.ndarray:
+        name = "PROBABILITIES" if probabilities else "CLASS_MAP"
+        return self._request(client, tiles, (name,), None)[name]
+
+    def _request(self, client: Any, tiles: np.ndarray, outputs: Sequence[str], tta: str | None
+                 ) -> dict[str, np.ndarray]:
         m = self._module
         tensor = m.InferInput("TILES", list(tiles.shape), TRITON_DTYPES[str(tiles.dtype)])
         tensor.set_data_from_numpy(np.ascontiguousarray(tiles))
-        name = "PROBABILITIES" if probabilities else "CLASS_MAP"
-        kwargs = {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
-        result = client.infer(self.model, [tensor], outputs=[m.InferRequestedOutput(name)], **kwargs)
-        return result.as_numpy(name)
+        kwargs: dict[str, Any] = {"client_timeout": self.timeout} if self.protocol == "grpc" else {}
+        if tta:
+            kwargs["parameters"] = {"tta": tta}
+        result = client.infer(self.model, [tensor], outputs=[m.InferRequestedOutput(n) for n in outputs], **kwargs)
+        return {n: result.as_numpy(n) for n in outputs}
 
     def _connect(self, url: str, bootstrap: bool = False) -> Any:
         """A client for `url`, retried with backoff while the server does not answer."""
         for attempt in range(self.retries + 1):
             try:
-                client = _make_client(self._module, self.protocol, url,
+                client = make_client(self._module, self.protocol, url,
                                       64 << 20 if bootstrap else self.max_message_bytes)
                 if client.is_server_ready():
                     return client
@@ -133,7 +144,7 @@ def _client_module(protocol: str) -> Any:
     return module
 
 
-def _make_client(module: Any, protocol: str, url: str, max_message_bytes: int) -> Any:
+def make_client(module: Any, protocol: str, url: str, max_message_bytes: int) -> Any:
     if protocol == "grpc":
         # gRPC's default 4 MB limit bites on large tiles: raise it to what the server announces.
         return module.InferenceServerClient(url, channel_args=[
@@ -155,7 +166,7 @@ def _the_served_model(client: Any, url: str) -> str:
     return roots[0]
 
 
-def _served_spec_dict(client: Any, model: str, url: str, protocol: str) -> dict[str, Any]:
+def served_spec_dict(client: Any, model: str, url: str = "", protocol: str = "grpc") -> dict[str, Any]:
     import json
 
     try:

@@ -1,51 +1,36 @@
-"""Talking to a served ensemble: its model spec, and tiles in, class maps (and probabilities) out."""
+"""Small conveniences over rsseg.client.triton for promotion checks, tests and the main job."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import tritonclient.grpc as grpcclient
 
-from rsseg.errors import UserError
+from rsseg.client.triton import TritonSegmenter, make_client, served_spec_dict
 
-TRITON_DTYPES = {"uint8": "UINT8", "uint16": "UINT16"}
 # Large enough to read the config (which carries the spec) before we know the served limit.
 _BOOTSTRAP_MESSAGE_BYTES = 64 << 20
 
 
-def connect(url: str, max_message_bytes: int = _BOOTSTRAP_MESSAGE_BYTES) -> grpcclient.InferenceServerClient:
-    # gRPC's default 4 MB limit bites on large tiles: raise it deliberately to what the server announces.
-    return grpcclient.InferenceServerClient(url, channel_args=[
-        ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.max_receive_message_length", max_message_bytes),
-    ])
+def connect(url: str, max_message_bytes: int = _BOOTSTRAP_MESSAGE_BYTES) -> Any:
+    """A gRPC client whose message limits are raised deliberately (gRPC's 4 MB default bites)."""
+    return make_client(grpcclient, "grpc", url, max_message_bytes)
 
 
-def served_spec(client: grpcclient.InferenceServerClient, model: str) -> dict[str, Any]:
+def served_spec(client: Any, model: str) -> dict[str, Any]:
     """The model spec a promoted ensemble carries in its config parameters (plus a `triton` section)."""
-    config = client.get_model_config(model, as_json=True)["config"]
-    try:
-        return json.loads(config["parameters"]["model_spec"]["string_value"])
-    except KeyError:
-        raise UserError(f"model {model!r} on the server carries no model spec; promote it with rsseg") from None
+    return served_spec_dict(client, model)
 
 
 def infer_tiles(url: str, model: str, tiles: np.ndarray, *, probabilities: bool = False,
                 tta: str | None = None) -> Any:
     """[N, H, W, C] raw tiles -> [N, G, H, W] uint8 class maps (and [N, K, H, W] fp16 probabilities)."""
-    with connect(url) as probe:
-        limit = served_spec(probe, model)["triton"]["max_message_bytes"]
-    with connect(url, limit) as client:
-        tensor = grpcclient.InferInput("TILES", list(tiles.shape), TRITON_DTYPES[str(tiles.dtype)])
-        tensor.set_data_from_numpy(np.ascontiguousarray(tiles))
-        names = ["CLASS_MAP", *(["PROBABILITIES"] if probabilities else [])]
-        result = client.infer(model, [tensor], outputs=[grpcclient.InferRequestedOutput(n) for n in names],
-                              parameters={"tta": tta} if tta else None)
-    maps = result.as_numpy("CLASS_MAP")
-    return (maps, result.as_numpy("PROBABILITIES")) if probabilities else maps
+    with TritonSegmenter([url], model, retries=0) as segmenter:
+        names = ("CLASS_MAP", "PROBABILITIES") if probabilities else ("CLASS_MAP",)
+        out = segmenter.infer(tiles, names, tta)
+    return (out["CLASS_MAP"], out["PROBABILITIES"]) if probabilities else out["CLASS_MAP"]
 
 
 def ask_server_once(repo: Path, model: str, tile: np.ndarray) -> str:

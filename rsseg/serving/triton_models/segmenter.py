@@ -16,7 +16,13 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # triton_io.py s
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
-from triton_io import error_response, input_array, output_tensor, parameter, quiet_dlpack_noise  # noqa: E402
+from triton_io import (  # noqa: E402
+    error_response,
+    input_array,
+    output_tensor,
+    parameter,
+    quiet_dlpack_noise,
+)
 
 TTA_MODES = ("none", "flips", "d4")
 
