@@ -3,6 +3,7 @@ then the validation headline metric next to the trivial baselines it must beat."
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -166,3 +167,115 @@ def _infer_with_concurrency(client: Any, model: str, requests: list[Any], concur
         in_flight -= 1
         if error is not None:
             raise error
+
+
+def write_large_scene(path: Path, size: int, block: int = 1024, seed: int = 0) -> Path:
+    """A size x size RGB uint8 GeoTIFF written block by block (bounded memory whatever the size):
+    smooth bright floes on dark water, tiled and compressed like a delivered scene."""
+    import rasterio
+    from rasterio.transform import from_origin
+    from rasterio.windows import Window as RioWindow
+
+    rng = np.random.default_rng(seed)
+    profile = {"driver": "GTiff", "width": size, "height": size, "count": 3, "dtype": "uint8", "crs": "EPSG:3413",
+               "transform": from_origin(-2_000_000, 1_000_000, 50, 50), "tiled": True, "blockxsize": 512,
+               "blockysize": 512, "compress": "deflate", "BIGTIFF": "IF_SAFER"}
+    yy, xx = np.mgrid[0:block, 0:block].astype(np.float32) / block
+    with rasterio.open(path, "w", **profile) as dst:
+        for row in range(0, size, block):
+            for col in range(0, size, block):
+                h, w = min(block, size - row), min(block, size - col)
+                phase = rng.uniform(0, 2 * np.pi, 3)
+                ice = (np.sin(6 * yy[:h, :w] + phase[0]) * np.cos(5 * xx[:h, :w] + phase[1]) > 0.2)
+                base = np.where(ice, 210.0, 60.0) + rng.normal(0, 12, (h, w))
+                pixels = np.stack([base, base + 8, base + 15]).clip(0, 255).astype(np.uint8)
+                dst.write(pixels, window=RioWindow(col, row, w, h))
+    return path
+
+
+def scene_benchmark(*, size: int = 8192, tile: int = 512, margin: int = 32, batch: int = 4, max_in_flight: int = 2,
+                    reference_tiles: int = 16, encoder: str = "tf_efficientnet_lite3") -> dict[str, Any]:
+    """End to end through Triton (a real `python clients/segment.py` process, its peak RSS measured)
+    against ONNX Runtime in process and a PyTorch eager loop, all on the seed UNet at `tile`."""
+    import subprocess
+    import sys
+    import tempfile
+    import time
+
+    import torch
+
+    from rsseg.data.transforms import normalize
+    from rsseg.export.onnx import export_onnx, onnx_session
+    from rsseg.promotion import sample_tile
+    from rsseg.serving.repository import ServingOptions, stage_promotion
+    from rsseg.serving.server import TritonServer
+    from rsseg.spec import DatasetSpec, default_colors
+    from rsseg.training import build_model
+
+    dataset = DatasetSpec(name="benchmark", task="binary", classes=["background", "ice"],
+                          colors=default_colors(2), bands=[1, 2, 3])
+    model, spec = build_model(TrainConfig(encoder=encoder), dataset, tile)
+    model.eval()
+    result: dict[str, Any] = {"scene": f"{size}x{size}", "tile": tile, "margin": margin, "batch": batch,
+                              "max_in_flight": max_in_flight, "encoder": encoder}
+    tiles = np.stack([sample_tile(spec, tile, seed=i) for i in range(reference_tiles)])
+    with tempfile.TemporaryDirectory(prefix="rsseg-scene-bench-") as tmp:
+        tmp_path = Path(tmp)
+        onnx_path = export_onnx(model, spec, tmp_path / "model.onnx")
+
+        session = onnx_session(onnx_path)
+        feed = session.get_inputs()[0].name
+        run_ort = lambda b: session.run(None, {feed: np.stack([normalize(t, spec.dataset) for t in b])})[0]  # noqa: E731
+        run_ort(tiles[:batch])
+        start = time.perf_counter()
+        for i in range(0, len(tiles), batch):
+            run_ort(tiles[i : i + batch]).argmax(axis=1)
+        result["onnxruntime_tiles_per_s"] = len(tiles) / (time.perf_counter() - start)
+
+        with torch.inference_mode():  # what users run today: the PyTorch model in a sliding-window loop
+            model(torch.from_numpy(np.stack([normalize(t, spec.dataset) for t in tiles[:batch]])))
+            start = time.perf_counter()
+            for i in range(0, len(tiles), batch):
+                x = torch.from_numpy(np.stack([normalize(t, spec.dataset) for t in tiles[i : i + batch]]))
+                model(x).argmax(dim=1)
+            result["pytorch_eager_tiles_per_s"] = len(tiles) / (time.perf_counter() - start)
+
+        scene = write_large_scene(tmp_path / "scene.tif", size)
+        repo = tmp_path / "repo"
+        stage_promotion(tmp_path / "none", repo, "bench", spec, onnx_path,
+                        ServingOptions(max_batch_size=batch * max_in_flight), {"benchmark": True})
+        with TritonServer(repo) as server:
+            server.wait_model_ready("bench")
+            client = Path(__file__).resolve().parent.parent / "clients" / "segment.py"
+            start = time.perf_counter()
+            done = subprocess.run([sys.executable, str(client), str(scene), "--out", str(tmp_path / "out"),
+                                   "--url", server.grpc_url, "--tile", str(tile), "--margin", str(margin),
+                                   "--batch", str(batch), "--max-in-flight", str(max_in_flight), "--no-progress"],
+                                  capture_output=True, text=True)
+            wall = time.perf_counter() - start
+        if done.returncode != 0:
+            raise RuntimeError(f"segment.py failed: {done.stderr[-2000:]}")
+        summary = json.loads((tmp_path / "out" / "scene.json").read_text())
+    megapixels = size * size / 1e6
+    windows = summary["windows_predicted"]
+    result.update({
+        "windows": windows,
+        "end_to_end_s": wall,
+        "end_to_end_megapixels_per_s": megapixels / wall,
+        "end_to_end_tiles_per_s": windows / wall,
+        "client_peak_rss_mb": _reported_peak_mb(done.stderr),
+    })
+    result["ratio_end_to_end_to_onnxruntime_tiles"] = result["end_to_end_tiles_per_s"] / result["onnxruntime_tiles_per_s"]
+    result["ratio_end_to_end_to_pytorch_eager_tiles"] = (result["end_to_end_tiles_per_s"]
+                                                         / result["pytorch_eager_tiles_per_s"])
+    keep = (tile - 2 * margin) ** 2 / tile**2
+    result["scene_pixels_per_tile_pixel"] = keep
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}
+
+
+def _reported_peak_mb(log_text: str) -> float | None:
+    """The client logs its own peak resident memory when it ends (rsseg.client.cli)."""
+    import re
+
+    found = re.findall(r"peak resident memory of this client: (\d+) MB", log_text)
+    return float(found[-1]) if found else None

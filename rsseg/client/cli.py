@@ -95,10 +95,25 @@ def main(argv: list[str] | None = None) -> int:
             except UserError as exc:
                 print(f"error: {exc}", file=sys.stderr)
                 failed.append(str(scene))
+    log.info("peak resident memory of this client: %.0f MB", peak_rss_mb())
     if failed:
         print(f"error: {len(failed)} of {len(jobs)} scene(s) failed: {', '.join(failed)}", file=sys.stderr)
         return EXIT_FAILED_SCENES
     return 0
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory. VmHWM, not getrusage: ru_maxrss survives exec, so a client
+    started by a big parent would report the parent's peak."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _predict(segmenter: TritonSegmenter, mode: str):
