@@ -30,6 +30,12 @@ EXTRA = """\
       batch: {type: float, default: 4}
       concurrency: {type: float, default: 2}
     command: "python -m pipelines.bench_serving --tile-size {tile_size} --tiles {tiles} --batch {batch} --concurrency {concurrency}"
+  bench_scene:
+    parameters:
+      size: {type: float, default: 8192}
+      tile: {type: float, default: 512}
+      margin: {type: float, default: 32}
+    command: "python -m pipelines.bench_scene --size {size} --tile {tile} --margin {margin}"
 """
 
 

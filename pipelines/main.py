@@ -42,8 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     except PromotionRefused as refused:  # an earlier, better champion stays served
         print(f"not promoted: {refused}")
     data = PreparedData.load(prepared)
-    _, val = data.split_tiles(-1)
-    tile = data.raw_tile(int(data.tiles.index[data.tiles["scene"] == val["scene"].iloc[0]][0]))
+    tile = data.raw_tile(int(data.tiles.index[data.tiles["split"] == "val"][0]))  # a tile it did not train on
     print(ask_server_once(Path(config.repo), summary["model_name"], tile))
     return 0
 

@@ -14,6 +14,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+import rasterio
+
 from rsseg.client.scene import MODES, segment_scene
 from rsseg.client.triton import TritonSegmenter
 from rsseg.data.raster import IMAGE_SUFFIXES, raster_info
@@ -23,6 +25,9 @@ log = logging.getLogger(__name__)
 
 EXIT_FAILED_SCENES = 1
 EXIT_USAGE = 2
+# GDAL's block cache defaults to 5 % of the machine's RAM and fills up on big scenes; the client reads
+# and writes each block about once, so a small cache keeps memory flat whatever the scene size.
+GDAL_CACHE_MB = 128
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -69,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_USAGE
     out.mkdir(parents=True, exist_ok=True)
     failed: list[str] = []
-    with segmenter:
+    with segmenter, rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
         bands = [int(b) for b in args.bands.split(",")] if args.bands else segmenter.spec.dataset.bands
         for scene, after in jobs:
             name = scene.stem if after is None else f"{scene.stem}_{after.stem}"
@@ -158,8 +163,6 @@ def check_scene(path: Path, segmenter: TritonSegmenter, bands: list[int] | None)
 
 def stack_pair(before: Path, after: Path, bands: list[int], vrt: Path) -> Path:
     """A VRT whose bands are `bands` of `before` then of `after`: one raster, read by the same windows."""
-    import rasterio
-
     with rasterio.open(before) as a, rasterio.open(after) as b:
         if (a.width, a.height) != (b.width, b.height) or a.crs != b.crs or a.transform != b.transform:
             raise DataError(f"{before} and {after} are not on the same grid ({a.width}x{a.height} {a.crs} vs "

@@ -11,31 +11,16 @@ from collections.abc import Sequence
 import numpy as np
 
 from rsseg.client.windows import PlannedWindow, blend_weights, on_scene_edges
+from rsseg.serving.triton_models import heads
 from rsseg.spec import OutputGroup
 
 NODATA = 255  # class value of nodata pixels in the output map
 
 
 def class_maps_from_probabilities(probabilities: np.ndarray, groups: Sequence[OutputGroup]) -> np.ndarray:
-    """[N, K, H, W] per-group probabilities (or logits) -> [N, G, H, W] uint8 class maps.
-
-    The numpy twin of rsseg.inference.class_maps (the tests compare them): argmax per group; for change
-    models the semantic maps are 0 ("unchanged") where no change is predicted and the best class >= 1
-    where it is.
-    """
-    parts, start = {}, 0
-    for g in groups:
-        parts[g.name] = probabilities[:, start:start + g.channels]
-        start += g.channels
-    if start != probabilities.shape[1]:
-        raise ValueError(f"probabilities have {probabilities.shape[1]} channels, the output groups {start}")
-    maps = {name: part.argmax(axis=1) for name, part in parts.items()}
-    if "change" in parts:
-        changed = maps["change"] == 1
-        for name in ("semantic_a", "semantic_b"):
-            if name in parts:
-                maps[name] = np.where(changed, parts[name][:, 1:].argmax(axis=1) + 1, 0)
-    return np.stack([maps[g.name] for g in groups], axis=1).astype(np.uint8)
+    """[N, K, H, W] per-group probabilities (or logits) -> [N, G, H, W] uint8 class maps (the served
+    postprocess's own definition, rsseg/serving/triton_models/heads.py)."""
+    return heads.class_maps(probabilities, [(g.name, g.channels) for g in groups])
 
 
 class CentreStrip:

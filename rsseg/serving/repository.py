@@ -119,7 +119,7 @@ def model_files(name: str, spec: ModelSpec) -> dict[str, dict[str, Path | None]]
     files: dict[str, dict[str, Path | None]] = {
         names["preprocess"]: {"model.py": MODELS_DIR / "preprocess.py", **io},
         names["segmenter"]: {"model.py": MODELS_DIR / "segmenter.py", **io, ONNX_FILE: None, SPEC_FILE: None},
-        names["postprocess"]: {"model.py": MODELS_DIR / "postprocess.py", **io},
+        names["postprocess"]: {"model.py": MODELS_DIR / "postprocess.py", "heads.py": MODELS_DIR / "heads.py", **io},
         name: {},
     }
     if accepts_files(spec):

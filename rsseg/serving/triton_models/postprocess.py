@@ -1,18 +1,17 @@
 """Postprocess: logits -> uint8 class map per output group, and fp16 class probabilities on request.
 
 Config parameter `outputs`: JSON list of [name, channels] groups in channel order (the model spec's).
-For change models the semantic maps are 0 ("unchanged") where no change is predicted, as in training
-(rsseg.inference.class_maps; tests check the two agree).
+The head math lives in heads.py (copied beside this file), shared with the scene client.
 """
 
 import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # triton_io.py sits beside model.py
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # heads.py, triton_io.py sit beside model.py
 
-import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
+from heads import class_maps, probabilities  # noqa: E402
 from triton_io import (  # noqa: E402
     error_response,
     input_array,
@@ -20,36 +19,6 @@ from triton_io import (  # noqa: E402
     parameter,
     quiet_dlpack_noise,
 )
-
-
-def softmax(logits):
-    shifted = logits - logits.max(axis=1, keepdims=True)
-    e = np.exp(shifted)
-    return e / e.sum(axis=1, keepdims=True)
-
-
-def split(logits, groups):
-    parts, start = {}, 0
-    for name, channels in groups:
-        parts[name] = logits[:, start : start + channels]
-        start += channels
-    return parts
-
-
-def class_maps(logits, groups):
-    """[N, K, H, W] logits -> [N, G, H, W] uint8, one class map per group, in group order."""
-    parts = split(logits, groups)
-    maps = {name: part.argmax(axis=1) for name, part in parts.items()}
-    if "change" in parts:
-        changed = maps["change"] == 1
-        for name in ("semantic_a", "semantic_b"):
-            if name in parts:
-                maps[name] = np.where(changed, parts[name][:, 1:].argmax(axis=1) + 1, 0)
-    return np.stack([maps[name] for name, _ in groups], axis=1).astype(np.uint8)
-
-
-def probabilities(logits, groups):
-    return np.concatenate([softmax(p) for p in split(logits, groups).values()], axis=1).astype(np.float16)
 
 
 class TritonPythonModel:
