@@ -278,6 +278,75 @@ def test_in_flight_predicts_give_the_same_map(local_model: Model, scene: tuple[P
     np.testing.assert_array_equal(read_map(serial), read_map(parallel))
 
 
+def test_requests_run_across_rows_and_rows_finish_in_order(local_model: Model, tmp_path: Path) -> None:
+    """Batches that straddle rows of windows, several in flight, and a band of nodata rows whose windows
+    are all skipped (a row that is complete before the one above it): the same map as one at a time."""
+    img = scene_image((420, 300), seed=6)
+    img[130:250] = 0
+    path = write_geotiff(tmp_path / "gappy.tif", img, crs=UTM, nodata=0)
+    outs = {}
+    for batch, in_flight in ((1, 1), (5, 3), (3, 4)):
+        out = tmp_path / f"map-{batch}-{in_flight}.tif"
+        summary = segment_scene(path, out, local_model.predict, local_model.spec, tile=EXACT_TILE,
+                                margin=EXACT_MARGIN, batch=batch, in_flight=in_flight, progress=False)
+        outs[batch, in_flight] = read_map(out)
+    assert summary.windows_skipped > 0
+    expected = whole_image(local_model, img, EXACT_TILE)
+    nodata = (img == 0).all(axis=-1)
+    expected[:, nodata] = NODATA
+    for key, got in outs.items():
+        np.testing.assert_array_equal(got, expected, err_msg=f"batch, in_flight = {key}")
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    e = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+@pytest.mark.parametrize("mode", ["centre", "blend"])
+def test_probabilities_file(local_model: Model, tmp_path: Path, mode: str) -> None:
+    """fp16 per-class probabilities beside the map: NaN on nodata, argmax = the map, and in centre mode
+    the whole-image softmax to fp16 precision."""
+    img = scene_image((260, 300), seed=7)
+    img[:40, :50] = 0
+    path = write_geotiff(tmp_path / "scene.tif", img, crs=UTM, nodata=0,
+                         transform=north_up(600_000.0, 5_000_000.0, 3.0))
+
+    def both(tiles: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        probs = local_model.predict_probabilities(tiles)
+        return class_maps_from_probabilities(probs, local_model.spec.outputs), probs
+
+    predict = both if mode == "centre" else local_model.predict_probabilities
+    tile, margin = (EXACT_TILE, EXACT_MARGIN) if mode == "centre" else (BLEND_TILE, BLEND_MARGIN)
+    summary = segment_scene(path, tmp_path / "map.tif", predict, local_model.spec, mode=mode, tile=tile,
+                            margin=margin, batch=3, in_flight=2, progress=False,
+                            probabilities_path=tmp_path / "probs.tif")
+    assert summary.probabilities == str(tmp_path / "probs.tif")
+    with rasterio.open(tmp_path / "probs.tif") as src:
+        probs = src.read()
+        assert src.tags(1, "IMAGE_STRUCTURE")["NBITS"] == "16" and src.dtypes[0] == "float32"
+        assert src.descriptions == tuple(f"classes:{c}" for c in CLASSES)
+        assert src.crs == UTM and src.transform == north_up(600_000.0, 5_000_000.0, 3.0)
+    maps = read_map(tmp_path / "map.tif")[0]
+    nodata = (img == 0).all(axis=-1)
+    assert np.isnan(probs[:, nodata]).all() and not np.isnan(probs[:, ~nodata]).any()
+    np.testing.assert_allclose(probs[:, ~nodata].sum(axis=0), 1.0, atol=4e-3)
+    top2 = np.sort(probs[:, ~nodata], axis=0)[-2:]
+    clear = top2[1] - top2[0] > 2e-3  # fp16 near-ties may argmax either way
+    assert (probs[:, ~nodata].argmax(axis=0) == maps[~nodata])[clear].all()
+    if mode == "centre":
+        h, w = img.shape[:2]
+        padded = np.pad(img, ((0, padded_extent(h, tile, STRIDE) - h), (0, padded_extent(w, tile, STRIDE) - w),
+                              (0, 0)), mode="reflect")
+        expected = softmax(local_model.logits(padded[None]))[0][:, :h, :w]
+        np.testing.assert_allclose(probs[:, ~nodata], expected[:, ~nodata], atol=1e-3)
+    with pytest.raises(DataError, match="must return probabilities"):
+        segment_scene(path, tmp_path / "again.tif", local_model.predict, local_model.spec, tile=tile,
+                      margin=margin if mode == "centre" else EXACT_MARGIN, progress=False,
+                      probabilities_path=tmp_path / "again-probs.tif")
+    assert not (tmp_path / "again.tif").exists() and not (tmp_path / "again-probs.tif").exists()
+
+
 def test_scene_smaller_than_a_tile(local_model: Model, tmp_path: Path) -> None:
     img = scene_image((40, 53), seed=3)
     path = write_geotiff(tmp_path / "small.tif", img, crs="EPSG:3413")

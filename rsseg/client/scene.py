@@ -1,8 +1,8 @@
 """Segmenting a whole scene window by window with any `predict` (ONNX Runtime, Triton, a test stub).
 
 The scene is read with rasterio one window at a time (never whole), predictions are stitched row of
-windows by row of windows and finished rows are written as they complete, so memory is bounded by one
-row of windows (plus, when blending, the probability sums of the rows the next row still overlaps).
+windows by row of windows and finished rows are written as they complete, so memory is bounded by the
+one or two rows of windows in flight (plus, when blending, the probability sums of the open rows).
 
 Two modes (see rsseg.client.windows for the geometry):
 
@@ -21,6 +21,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,6 +44,7 @@ from rsseg.client.windows import (
 )
 from rsseg.client.writer import (
     ClassMapWriter,
+    ProbabilityWriter,
     head_classes,
     write_preview,
     write_summary,
@@ -85,6 +87,7 @@ class SceneSummary:
     # read_s, predict_s (summed over calls: exceeds wall time when in_flight > 1), write_s (compression,
     # overviews), total_s (wall, preview and summary included)
     timings: dict[str, float] = field(default_factory=dict)
+    probabilities: str | None = None  # the fp16 probability GeoTIFF, when asked for
     preview: str | None = None
     summary: str | None = None
 
@@ -119,6 +122,7 @@ def segment_scene(
     in_flight: int = 1,
     summary_path: str | Path | None = None,
     preview_path: str | Path | None = None,
+    probabilities_path: str | Path | None = None,
 ) -> SceneSummary:
     """Segment the raster at `src_path` into a class-map GeoTIFF at `out_path`.
 
@@ -138,12 +142,15 @@ def segment_scene(
             Missing pixels are 255 in the output.
         batch: windows per predict call.
         progress: show a progress bar (stderr).
-        in_flight: predict calls allowed to run at once (threads, within one row of windows); 1 calls
+        in_flight: predict calls allowed to run at once (threads; they run on across rows); 1 calls
             predict in this thread. `predict` must be thread-safe when > 1.
         summary_path / preview_path: also write the JSON summary / a colour PNG preview there.
+        probabilities_path: also write per-class probabilities there (ProbabilityWriter: fp16, NaN for
+            nodata). Centre mode: `predict` must then return (class_maps, probabilities); blend mode
+            writes the blended probabilities. Costs K x 2 bytes per pixel of a row of windows in memory.
 
-    Returns the SceneSummary. The output is written under a temp name and renamed when complete: on any
-    error (a failing predict included) no file is left at `out_path`.
+    Returns the SceneSummary. Outputs are written under temp names and renamed when complete: on any
+    error (a failing predict included) no file is left at `out_path` (or `probabilities_path`).
     """
     start = time.perf_counter()
     if mode not in MODES:
@@ -167,23 +174,29 @@ def segment_scene(
             nodata = src.nodata if src.nodata is not None else spec.dataset.nodata
         plan = (plan_windows if mode == "centre" else plan_blend_windows)(height, width, tile, margin, stride)
         reader = _WindowReader(src, band_list, nodata)
-        run = _Run(predict, spec, tile, in_flight, mode)
+        run = _Run(predict, spec, tile, in_flight, mode, probabilities_path is not None)
         log.info("segmenting %s (%dx%d, bands %s) in %s mode: tile %d, margin %d, %d windows",
                  src_path, height, width, band_list, mode, tile, margin, len(plan))
-        bar = tqdm(total=len(plan), desc="segment", unit="window", disable=not progress, file=sys.stderr)
+        bar = tqdm(total=len(plan), desc="segment", unit="tile", disable=not progress, file=sys.stderr)
         try:
-            with ClassMapWriter(out_path, height=height, width=width, crs=src.crs, transform=src.transform,
-                                spec=spec) as writer:
+            geo = dict(height=height, width=width, crs=src.crs, transform=src.transform, spec=spec)
+            with ClassMapWriter(out_path, **geo) as writer, \
+                    (ProbabilityWriter(probabilities_path, **geo) if probabilities_path else nullcontext()) as pw:
+                output = _Output(writer, pw, bar)
                 rows = _rows(plan)
                 if mode == "centre":
-                    _centre(rows, reader, run, writer, batch, bar)
+                    channels = spec.num_output_channels if probabilities_path else 0
+                    stitcher = _CentreStitcher(output, writer.heads, width, channels)
                 else:
-                    _blend(rows, reader, run, writer, batch, bar, spec, height, width, tile, margin)
+                    band = BlendBand(spec.outputs, width, tile, margin, len(rows) - 1, len(rows[0]) - 1)
+                    stitcher = _BlendStitcher(output, band, [r[0].row for r in rows], height)
+                _stream(rows, reader, run, batch, bar, stitcher)
         finally:
             run.close()
             bar.close()
         crs, transform = src.crs, src.transform
-    timings = {"read_s": reader.seconds, "predict_s": run.seconds, "write_s": writer.seconds, "total_s": 0.0}
+    write_s = writer.seconds + (pw.seconds if probabilities_path else 0.0)
+    timings = {"read_s": reader.seconds, "predict_s": run.seconds, "write_s": write_s, "total_s": 0.0}
     pixel_area = abs(transform.a * transform.e - transform.b * transform.d)  # rotated/sheared too
     summary = SceneSummary(
         src=str(src_path), out=str(out_path), model_name=spec.model_name, model_version=spec.model_version,
@@ -193,6 +206,7 @@ def segment_scene(
         heads=_head_counts(writer.counts, spec, pixel_area),
         windows=len(plan), windows_predicted=run.windows, windows_skipped=len(plan) - run.windows,
         predict_calls=run.calls, timings=timings,
+        probabilities=str(probabilities_path) if probabilities_path else None,
     )
     if preview_path is not None:
         summary.preview = str(write_preview(preview_path, out_path, spec))
@@ -302,11 +316,14 @@ def _rows(plan: list[PlannedWindow]) -> list[list[PlannedWindow]]:
 
 
 class _Run:
-    """Calls predict on batches, at most `in_flight` at once, and checks what comes back."""
+    """Calls predict on batches, at most `in_flight` at once, checks what comes back and delivers each
+    window's (class maps, probabilities) to its callback in submission order, on the caller's thread."""
 
-    def __init__(self, predict: Predict, spec: ModelSpec, tile: int, in_flight: int, mode: str) -> None:
+    def __init__(self, predict: Predict, spec: ModelSpec, tile: int, in_flight: int, mode: str,
+                 probabilities: bool) -> None:
         self.predict, self.tile, self.mode, self.in_flight = predict, tile, mode, in_flight
-        self.channels = len(spec.outputs) if mode == "centre" else spec.num_output_channels
+        self.heads, self.channels = len(spec.outputs), spec.num_output_channels
+        self.want_maps, self.want_probabilities = mode == "centre", mode == "blend" or probabilities
         self.pool = ThreadPoolExecutor(in_flight, thread_name_prefix="rsseg-predict") if in_flight > 1 else None
         self.pending: deque[tuple[Future, list[PlannedWindow], Callable]] = deque()
         self.lock = threading.Lock()
@@ -314,7 +331,7 @@ class _Run:
         self.calls = 0
         self.windows = 0
 
-    def _call(self, tiles: np.ndarray) -> np.ndarray:
+    def _call(self, tiles: np.ndarray) -> tuple[np.ndarray | None, np.ndarray | None]:
         t0 = time.perf_counter()
         result = self.predict(tiles)
         with self.lock:
@@ -322,28 +339,37 @@ class _Run:
             self.calls += 1
         return self._check(result, len(tiles))
 
-    def _check(self, result: Any, n: int) -> np.ndarray:
+    def _check(self, result: Any, n: int) -> tuple[np.ndarray | None, np.ndarray | None]:
         if isinstance(result, tuple):
-            if self.mode == "blend" and len(result) < 2:
-                raise DataError("blend mode: predict returned a 1-tuple; it must return probabilities "
-                                "(or (class_maps, probabilities))")
-            result = result[0] if self.mode == "centre" else result[1]
-        out = np.asarray(result)
-        want = (n, self.channels, self.tile, self.tile)
-        what = "class maps" if self.mode == "centre" else "probabilities"
-        if out.shape != want:
-            raise DataError(f"predict returned shape {out.shape}; expected {what} {want}")
-        if self.mode == "centre":
-            if not np.issubdtype(out.dtype, np.integer):
-                raise DataError(f"centre mode: predict returned {out.dtype}; it must return integer class maps "
+            maps, probs = (result + (None,))[:2]
+        elif self.want_maps:
+            maps, probs = result, None
+        else:
+            maps, probs = None, result
+        if self.want_maps:
+            maps = np.asarray(maps)
+            if maps.shape != (n, self.heads, self.tile, self.tile):
+                raise DataError(f"predict returned class maps of shape {maps.shape}; expected "
+                                f"{(n, self.heads, self.tile, self.tile)}")
+            if not np.issubdtype(maps.dtype, np.integer):
+                raise DataError(f"centre mode: predict returned {maps.dtype}; it must return integer class maps "
                                 "(use mode='blend' for probabilities)")
-            return out.astype(np.uint8, copy=False)
-        if not np.issubdtype(out.dtype, np.floating):
-            raise DataError(f"blend mode: predict returned {out.dtype}; it must return float probabilities")
-        return out.astype(np.float32, copy=False)
+            maps = maps.astype(np.uint8, copy=False)
+        if self.want_probabilities:
+            if probs is None:
+                raise DataError(f"{self.mode} mode{' with probabilities' if self.want_maps else ''}: predict "
+                                "must return probabilities" + (" as (class_maps, probabilities)" if self.want_maps
+                                                               else ""))
+            probs = np.asarray(probs)
+            if probs.shape != (n, self.channels, self.tile, self.tile):
+                raise DataError(f"predict returned probabilities of shape {probs.shape}; expected "
+                                f"{(n, self.channels, self.tile, self.tile)}")
+            if not np.issubdtype(probs.dtype, np.floating):
+                raise DataError(f"predict returned {probs.dtype} probabilities; they must be floats")
+        return (maps if self.want_maps else None), (probs if self.want_probabilities else None)
 
     def submit(self, windows: list[PlannedWindow], tiles: list[np.ndarray],
-               done: Callable[[PlannedWindow, np.ndarray], None]) -> None:
+               done: Callable[[PlannedWindow, np.ndarray | None, np.ndarray | None], None]) -> None:
         if not windows:
             return
         self.windows += len(windows)
@@ -360,9 +386,11 @@ class _Run:
         self._deliver(windows, future.result(), done)
 
     @staticmethod
-    def _deliver(windows: list[PlannedWindow], out: np.ndarray, done: Callable) -> None:
-        for w, result in zip(windows, out, strict=True):
-            done(w, result)
+    def _deliver(windows: list[PlannedWindow], out: tuple[np.ndarray | None, np.ndarray | None],
+                 done: Callable) -> None:
+        maps, probs = out
+        for i, w in enumerate(windows):
+            done(w, None if maps is None else maps[i], None if probs is None else probs[i])
 
     def drain(self) -> None:
         while self.pending:
@@ -376,50 +404,120 @@ class _Run:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _feed(row: list[PlannedWindow], reader: _WindowReader, run: _Run, batch: int, bar: tqdm,
-          skip: Callable[[PlannedWindow, np.ndarray], bool],
-          valid_to: Callable[[PlannedWindow, np.ndarray], None],
-          done: Callable[[PlannedWindow, np.ndarray], None]) -> None:
-    """Read a row of windows, send the ones with valid pixels to predict in batches, wait for all."""
-    windows: list[PlannedWindow] = []
-    tiles: list[np.ndarray] = []
-    for w in row:
-        tile, valid = reader.read(w)
-        valid_to(w, valid)
-        if not skip(w, valid):
-            windows.append(w)
-            tiles.append(tile)
-        if len(windows) == batch:
-            run.submit(windows, tiles, done)
-            windows, tiles = [], []
-        bar.update(1)
-    run.submit(windows, tiles, done)
-    run.drain()
+# ------------------------------------------------------------------------------------------------ stitching
 
 
-def _centre(rows: list[list[PlannedWindow]], reader: _WindowReader, run: _Run, writer: ClassMapWriter,
-            batch: int, bar: tqdm) -> None:
-    for row in rows:
-        strip = CentreStrip(row, writer.heads, writer.width)
+class _Output:
+    """Where finished rows go: the class-map writer, the probability writer if any, the progress bar."""
 
-        def no_kept_data(w: PlannedWindow, valid: np.ndarray) -> bool:
-            k = w.keep
-            return not valid[k.row:k.row + k.height, k.col:k.col + k.width].any()
+    def __init__(self, maps: ClassMapWriter, probabilities: ProbabilityWriter | None, bar: tqdm) -> None:
+        self.maps, self.probabilities, self.bar = maps, probabilities, bar
+        self.start = time.perf_counter()
+        self.pixels = 0
 
-        _feed(row, reader, run, batch, bar, no_kept_data, strip.set_valid, strip.put)
-        writer.write_rows(strip.row, strip.finish())
+    def write(self, row: int, maps: np.ndarray, probabilities: Callable[[], np.ndarray]) -> None:
+        self.maps.write_rows(row, maps)
+        if self.probabilities is not None:
+            self.probabilities.write_rows(row, probabilities())
+        self.pixels += maps.shape[1] * maps.shape[2]
+        elapsed = time.perf_counter() - self.start
+        self.bar.set_postfix_str(f"{self.pixels / 1e6 / max(elapsed, 1e-9):.2f} MPix/s", refresh=False)
 
 
-def _blend(rows: list[list[PlannedWindow]], reader: _WindowReader, run: _Run, writer: ClassMapWriter,
-           batch: int, bar: tqdm, spec: ModelSpec, height: int, width: int, tile: int, margin: int) -> None:
-    band = BlendBand(spec.outputs, width, tile, margin, len(rows) - 1, len(rows[0]) - 1)
+class _CentreStitcher:
+    """Centre-keep: one CentreStrip per row of windows, written when the row's last result arrives."""
 
-    def no_data(w: PlannedWindow, valid: np.ndarray) -> bool:
+    def __init__(self, output: _Output, heads: int, width: int, channels: int) -> None:
+        self.output, self.heads, self.width, self.channels = output, heads, width, channels
+        self.strips: dict[int, CentreStrip] = {}
+
+    def start_row(self, i: int, row: list[PlannedWindow]) -> None:
+        self.strips[i] = CentreStrip(row, self.heads, self.width, self.channels)
+
+    def set_valid(self, w: PlannedWindow, valid: np.ndarray) -> None:
+        self.strips[w.grid_row].set_valid(w, valid)
+
+    @staticmethod
+    def skip(w: PlannedWindow, valid: np.ndarray) -> bool:
+        k = w.keep
+        return not valid[k.row:k.row + k.height, k.col:k.col + k.width].any()
+
+    def put(self, w: PlannedWindow, maps: np.ndarray | None, probabilities: np.ndarray | None) -> None:
+        self.strips[w.grid_row].put(w, maps, probabilities)
+
+    def finish_row(self, i: int) -> None:
+        strip = self.strips.pop(i)
+        self.output.write(strip.row, strip.finish(), strip.finish_probabilities)
+
+
+class _BlendStitcher:
+    """Blending: one BlendBand over the open rows; when a row of windows is complete, the rows above the
+    next row of windows get no more contributions and are written."""
+
+    def __init__(self, output: _Output, band: BlendBand, row_starts: list[int], height: int) -> None:
+        self.output, self.band = output, band
+        self.next_start = row_starts[1:] + [height]
+
+    def start_row(self, i: int, row: list[PlannedWindow]) -> None:
+        pass
+
+    def set_valid(self, w: PlannedWindow, valid: np.ndarray) -> None:
+        self.band.set_valid(w, valid)
+
+    @staticmethod
+    def skip(w: PlannedWindow, valid: np.ndarray) -> bool:
         return not valid[:w.out.height, :w.out.width].any()
 
-    for i, row in enumerate(rows):
-        _feed(row, reader, run, batch, bar, no_data, band.set_valid, band.add)
-        # Rows above the next row of windows get no more contributions: finish and write them.
-        popped = band.pop_until(rows[i + 1][0].row if i + 1 < len(rows) else height)
+    def put(self, w: PlannedWindow, maps: np.ndarray | None, probabilities: np.ndarray | None) -> None:
+        self.band.add(w, probabilities)
+
+    def finish_row(self, i: int) -> None:
+        popped = self.band.pop_until(self.next_start[i])
         if popped is not None:
-            writer.write_rows(*popped)
+            top, maps, probabilities = popped
+            self.output.write(top, maps, lambda: probabilities)
+
+
+def _stream(rows: list[list[PlannedWindow]], reader: _WindowReader, run: _Run, batch: int, bar: tqdm,
+            stitcher: _CentreStitcher | _BlendStitcher) -> None:
+    """Read windows row after row and send those with valid pixels to predict in batches. Batches run
+    across row boundaries, so requests keep flowing while a row is finished; a row is finished (stitched
+    and written) as soon as it is fully read and its last result has arrived, rows in order. Memory:
+    the rows between the oldest request in flight and the window being read (one or two rows)."""
+    outstanding = [0] * len(rows)
+    read = 0  # rows fully read
+    finished = 0
+
+    def finish_ready() -> None:
+        nonlocal finished
+        while finished < read and outstanding[finished] == 0:
+            stitcher.finish_row(finished)
+            finished += 1
+
+    def done(w: PlannedWindow, maps: np.ndarray | None, probabilities: np.ndarray | None) -> None:
+        stitcher.put(w, maps, probabilities)
+        outstanding[w.grid_row] -= 1
+        finish_ready()
+
+    windows: list[PlannedWindow] = []
+    tiles: list[np.ndarray] = []
+    for i, row in enumerate(rows):
+        stitcher.start_row(i, row)
+        for w in row:
+            tile, valid = reader.read(w)
+            stitcher.set_valid(w, valid)
+            if not stitcher.skip(w, valid):
+                windows.append(w)
+                tiles.append(tile)
+                outstanding[i] += 1
+            if len(windows) == batch:
+                run.submit(windows, tiles, done)
+                windows, tiles = [], []
+            bar.update(1)
+        read = i + 1
+        finish_ready()  # rows whose windows were all skipped, or all delivered already
+    run.submit(windows, tiles, done)
+    run.drain()
+    finish_ready()
+    if finished != len(rows):
+        raise RuntimeError(f"{len(rows) - finished} rows of windows were never finished")

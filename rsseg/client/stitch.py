@@ -24,28 +24,40 @@ def class_maps_from_probabilities(probabilities: np.ndarray, groups: Sequence[Ou
 
 
 class CentreStrip:
-    """The output rows of one row of centre-keep windows: [G, h, W] class maps plus a validity mask."""
+    """The output rows of one row of centre-keep windows: [G, h, W] class maps plus a validity mask and,
+    when `channels` > 0, the [K, h, W] probabilities kept as float16 (what the server sends)."""
 
-    def __init__(self, windows: Sequence[PlannedWindow], heads: int, width: int) -> None:
+    def __init__(self, windows: Sequence[PlannedWindow], heads: int, width: int, channels: int = 0) -> None:
         self.row = windows[0].out.row
         height = windows[0].out.height
         self.maps = np.full((heads, height, width), NODATA, dtype=np.uint8)
         self.valid = np.zeros((height, width), dtype=bool)
+        self.probabilities = np.full((channels, height, width), np.nan, dtype=np.float16) if channels else None
 
     def set_valid(self, window: PlannedWindow, valid: np.ndarray) -> None:
         """`valid`: the window's [size, size] validity; its kept part is copied."""
         k, o = window.keep, window.out
         self.valid[:, o.col:o.col + o.width] = valid[k.row:k.row + k.height, k.col:k.col + k.width]
 
-    def put(self, window: PlannedWindow, maps: np.ndarray) -> None:
-        """`maps`: the window's [G, size, size] class maps; its kept part goes into the strip."""
+    def put(self, window: PlannedWindow, maps: np.ndarray, probabilities: np.ndarray | None = None) -> None:
+        """`maps`: the window's [G, size, size] class maps (and [K, size, size] probabilities); their kept
+        part goes into the strip."""
         k, o = window.keep, window.out
         self.maps[:, :, o.col:o.col + o.width] = maps[:, k.row:k.row + k.height, k.col:k.col + k.width]
+        if self.probabilities is not None and probabilities is not None:
+            self.probabilities[:, :, o.col:o.col + o.width] = \
+                probabilities[:, k.row:k.row + k.height, k.col:k.col + k.width]
 
     def finish(self) -> np.ndarray:
         """The strip's class maps with nodata pixels set to NODATA."""
         self.maps[:, ~self.valid] = NODATA
         return self.maps
+
+    def finish_probabilities(self) -> np.ndarray:
+        """The strip's probabilities as float32 with NaN where there is no data (call after finish)."""
+        out = self.probabilities.astype(np.float32)
+        out[:, ~self.valid] = np.nan
+        return out
 
 
 class BlendBand:
@@ -102,8 +114,9 @@ class BlendBand:
         self.acc[:, r0:r0 + o.height, o.col:o.col + o.width] += probabilities[:, :o.height, :o.width] * w
         self.weight[r0:r0 + o.height, o.col:o.col + o.width] += w
 
-    def pop_until(self, row: int) -> tuple[int, np.ndarray] | None:
-        """Class maps [G, h, W] of the open rows above `row` (and their first row), or None if none."""
+    def pop_until(self, row: int) -> tuple[int, np.ndarray, np.ndarray] | None:
+        """The open rows above `row`: (their first row, class maps [G, h, W], blended probabilities
+        [K, h, W] float32, NaN where there is no data), or None if there are none."""
         n = min(row - self.top, self.acc.shape[1])
         if n <= 0:
             return None
@@ -111,8 +124,10 @@ class BlendBand:
         covered = weight > 0  # 0 only where every window was skipped as nodata
         probs = self.acc[:, :n] / np.where(covered, weight, 1.0)
         maps = class_maps_from_probabilities(probs[None], self.groups)[0]
-        maps[:, ~(covered & self.valid[:n])] = NODATA
+        missing = ~(covered & self.valid[:n])
+        maps[:, missing] = NODATA
+        probs[:, missing] = np.nan
         top = self.top
         self.acc, self.weight, self.valid = self.acc[:, n:], self.weight[n:], self.valid[n:]
         self.top += n
-        return top, maps
+        return top, maps, probs

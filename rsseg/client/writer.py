@@ -65,28 +65,26 @@ def _temp_path(path: Path) -> Path:
     return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
 
 
-class ClassMapWriter:
-    """Streams [G, h, W] uint8 class-map rows, top to bottom, into a tiled DEFLATE GeoTIFF.
+class _RowStreamWriter:
+    """Streams [bands, h, W] rows, top to bottom, into a tiled DEFLATE GeoTIFF.
 
     Use as a context manager: rows are buffered to whole block rows (each compressed block is written
-    once, never re-read and re-compressed), overviews (nearest) are built at the end and the file is
-    renamed to `path` only when the `with` block exits without an exception; otherwise the temp file is
-    removed. Pixel counts per class and head are kept as rows go by (`counts`).
+    once, never re-read and re-compressed) and the file is renamed to `path` only when the `with` block
+    exits without an exception; otherwise the temp file is removed. Subclasses describe the bands
+    (`_describe`) and may add overviews (`_finish`).
     """
 
-    def __init__(self, path: str | Path, *, height: int, width: int, crs: CRS | None, transform: Affine,
-                 spec: ModelSpec) -> None:
+    def __init__(self, path: str | Path, *, height: int, width: int, count: int, dtype: str, crs: CRS | None,
+                 transform: Affine, nodata: float, **creation: Any) -> None:
         self.path = Path(path)
-        self.height, self.width = height, width
-        self.heads = len(spec.outputs)
+        self.height, self.width, self.count = height, width, count
+        self.dtype = np.dtype(dtype)
         self.block = block_size(height, width)
-        self.counts = np.zeros((self.heads, 256), dtype=np.int64)
-        self._spec = spec
         self._profile = {
-            "driver": "GTiff", "height": height, "width": width, "count": self.heads, "dtype": "uint8",
-            "crs": crs, "transform": transform, "nodata": NODATA, "tiled": True,
+            "driver": "GTiff", "height": height, "width": width, "count": count, "dtype": dtype,
+            "crs": crs, "transform": transform, "nodata": nodata, "tiled": True,
             "blockxsize": self.block, "blockysize": self.block, "compress": "deflate",
-            "interleave": "band", "BIGTIFF": "IF_SAFER",
+            "interleave": "band", "BIGTIFF": "IF_SAFER", **creation,
         }
         self._tmp = _temp_path(self.path)
         self._dst: Any = None
@@ -96,54 +94,41 @@ class ClassMapWriter:
         self._received = 0  # rows handed to write_rows
         self.seconds = 0.0  # in GDAL: writing (compression), overviews, closing
 
-    def __enter__(self) -> ClassMapWriter:
-        for group in self._spec.outputs:
-            if group.channels >= NODATA:
-                raise ValueError(f"output {group.name!r} has {group.channels} classes; class {NODATA} is the "
-                                 "nodata value of the map")
+    def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with warnings.catch_warnings():  # a scene without georeferencing gets a map without, as expected
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
             self._dst = rasterio.open(self._tmp, "w", **self._profile)
         try:
-            self._describe()
+            self._describe(self._dst)
         except BaseException:
             self._dst.close()
             self._tmp.unlink(missing_ok=True)
             raise
         return self
 
-    def _describe(self) -> None:
-        dst, spec = self._dst, self._spec
-        for band, group in enumerate(spec.outputs, start=1):
-            dst.set_band_description(band, group.name)
-            dst.update_tags(band, classes=json.dumps(head_classes(spec, band - 1)),
-                            colors=json.dumps(head_colors(spec, band - 1)))
-        dst.update_tags(model_name=spec.model_name or "", model_version=spec.model_version or "",
-                        nodata_class=str(NODATA))
-        if self.heads == 1:
-            table = {i: (*map(int, c), 255) for i, c in enumerate(head_colors(spec, 0))}
-            table[NODATA] = (0, 0, 0, 0)
-            dst.write_colormap(1, table)
-        else:
-            # TIFF keeps a colour table only for single-band files (PHOTOMETRIC=PALETTE); the colours
-            # are in each band's `colors` tag instead.
-            log.info("%s: %d bands, so the class colours go to band tags, not a colour table", self.path,
-                     self.heads)
+    def _describe(self, dst: Any) -> None:
+        """Band descriptions, tags, colour tables: called once the file is open."""
 
-    def write_rows(self, row: int, maps: np.ndarray) -> None:
-        """Append rows [row, row + h) of the map; rows must arrive in order without gaps."""
+    def _finish(self, dst: Any) -> None:
+        """Called after the last row, before closing (overviews)."""
+
+    def _received_rows(self, rows: np.ndarray) -> None:
+        """Called with every block of rows as it arrives (statistics)."""
+
+    def write_rows(self, row: int, rows: np.ndarray) -> None:
+        """Append rows [row, row + h) of the raster; rows must arrive in order without gaps."""
         if row != self._received:
             raise ValueError(f"rows must arrive in order: expected row {self._received}, got {row}")
-        if maps.shape[0] != self.heads or maps.shape[2] != self.width or maps.dtype != np.uint8:
-            raise ValueError(f"expected uint8 rows [{self.heads}, h, {self.width}], got {maps.dtype} {maps.shape}")
-        self._received += maps.shape[1]
+        if rows.shape[0] != self.count or rows.shape[2] != self.width or rows.dtype != self.dtype:
+            raise ValueError(f"expected {self.dtype} rows [{self.count}, h, {self.width}], got {rows.dtype} "
+                             f"{rows.shape}")
+        self._received += rows.shape[1]
         if self._received > self.height:
-            raise ValueError(f"rows past the end of the map ({self._received} > {self.height})")
-        for head in range(self.heads):
-            self.counts[head] += np.bincount(maps[head].ravel(), minlength=256)
-        self._pending.append(maps)
-        self._pending_rows += maps.shape[1]
+            raise ValueError(f"rows past the end of the raster ({self._received} > {self.height})")
+        self._received_rows(rows)
+        self._pending.append(rows)
+        self._pending_rows += rows.shape[1]
         full = self._pending_rows // self.block * self.block
         if full:
             self._flush(full)
@@ -167,10 +152,7 @@ class ClassMapWriter:
                 if self._written != self.height:
                     raise ValueError(f"{self.path}: {self._written} of {self.height} rows written")
                 t0 = time.perf_counter()
-                factors = overview_factors(self.height, self.width)
-                if factors:
-                    self._dst.build_overviews(factors, Resampling.nearest)
-                    self._dst.update_tags(ns="rio_overview", resampling="nearest")
+                self._finish(self._dst)
             self._dst.close()
             if exc_type is None:
                 self._tmp.replace(self.path)
@@ -180,6 +162,72 @@ class ClassMapWriter:
                 self._dst.close()
             self._tmp.unlink(missing_ok=True)
             self._pending = []
+
+
+class ClassMapWriter(_RowStreamWriter):
+    """The class map: one uint8 band per output head, nodata 255, the class colours as its colour table
+    (single-head maps) and in band tags, nearest-neighbour overviews. Pixel counts per class and head
+    are kept as rows go by (`counts`)."""
+
+    def __init__(self, path: str | Path, *, height: int, width: int, crs: CRS | None, transform: Affine,
+                 spec: ModelSpec) -> None:
+        for group in spec.outputs:
+            if group.channels >= NODATA:
+                raise ValueError(f"output {group.name!r} has {group.channels} classes; class {NODATA} is the "
+                                 "nodata value of the map")
+        super().__init__(path, height=height, width=width, count=len(spec.outputs), dtype="uint8", crs=crs,
+                         transform=transform, nodata=NODATA)
+        self.heads = self.count
+        self.counts = np.zeros((self.heads, 256), dtype=np.int64)
+        self._spec = spec
+
+    def _describe(self, dst: Any) -> None:
+        spec = self._spec
+        for band, group in enumerate(spec.outputs, start=1):
+            dst.set_band_description(band, group.name)
+            dst.update_tags(band, classes=json.dumps(head_classes(spec, band - 1)),
+                            colors=json.dumps(head_colors(spec, band - 1)))
+        dst.update_tags(model_name=spec.model_name or "", model_version=spec.model_version or "",
+                        nodata_class=str(NODATA))
+        if self.heads == 1:
+            table = {i: (*map(int, c), 255) for i, c in enumerate(head_colors(spec, 0))}
+            table[NODATA] = (0, 0, 0, 0)
+            dst.write_colormap(1, table)
+        else:
+            # TIFF keeps a colour table only for single-band files (PHOTOMETRIC=PALETTE); the colours
+            # are in each band's `colors` tag instead.
+            log.info("%s: %d bands, so the class colours go to band tags, not a colour table", self.path,
+                     self.heads)
+
+    def _received_rows(self, rows: np.ndarray) -> None:
+        for head in range(self.heads):
+            self.counts[head] += np.bincount(rows[head].ravel(), minlength=256)
+
+    def _finish(self, dst: Any) -> None:
+        factors = overview_factors(self.height, self.width)
+        if factors:
+            dst.build_overviews(factors, Resampling.nearest)
+            dst.update_tags(ns="rio_overview", resampling="nearest")
+
+
+class ProbabilityWriter(_RowStreamWriter):
+    """Per-class probabilities: one band per output channel ("head:class" descriptions), stored as
+    16-bit floats (GDAL 3.10 has no Float16 type: Float32 bands with NBITS=16 are written as IEEE
+    half floats and read back as float32), NaN where the input had no data."""
+
+    def __init__(self, path: str | Path, *, height: int, width: int, crs: CRS | None, transform: Affine,
+                 spec: ModelSpec) -> None:
+        super().__init__(path, height=height, width=width, count=spec.num_output_channels, dtype="float32",
+                         crs=crs, transform=transform, nodata=float("nan"), nbits=16)
+        self._spec = spec
+
+    def _describe(self, dst: Any) -> None:
+        band = 1
+        for head, group in enumerate(self._spec.outputs):
+            for name in head_classes(self._spec, head):
+                dst.set_band_description(band, f"{group.name}:{name}")
+                band += 1
+        dst.update_tags(model_name=self._spec.model_name or "", model_version=self._spec.model_version or "")
 
 
 def overview_factors(height: int, width: int) -> list[int]:
