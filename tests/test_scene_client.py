@@ -237,7 +237,7 @@ def test_centre_mode_equals_whole_image(local_model: Model, scene: tuple[Path, n
         assert (dst.height, dst.width, dst.count) == (src.height, src.width, 1)
         assert dst.nodata == NODATA and dst.dtypes == ("uint8",)
         assert dst.profile["tiled"] and dst.block_shapes == [(256, 256)]
-        assert dst.compression.name == "deflate"
+        assert dst.compression.name == "deflate" and dst.tags(ns="IMAGE_STRUCTURE")["LAYOUT"] == "COG"
         table = dst.colormap(1)
         assert [list(table[i][:3]) for i in range(3)] == COLORS and table[NODATA][3] == 0
         assert dst.descriptions == ("classes",)

@@ -7,6 +7,7 @@ exact stitching needs a bounded receptive field), exported and written by the pr
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -16,13 +17,16 @@ import pytest
 import rasterio
 
 from rsseg.client.cli import main
+from rsseg.client.windows import padded_extent
 from rsseg.data.synthetic import write_geotiff
+from rsseg.serving.client import infer_tiles
 from rsseg.serving.repository import ServingOptions, stage_promotion
 from rsseg.serving.server import TritonServer, free_loopback_ports
 from tests.conftest import PROJECT
 from tests.test_scene_client import (
     EXACT_MARGIN,
     EXACT_TILE,
+    STRIDE,
     UTM,
     build_model,
     read_map,
@@ -115,6 +119,83 @@ def test_unreachable_server_is_one_line_with_the_url(tmp_path):
     assert done.returncode == 2
     assert done.stderr.strip().splitlines()[-1].startswith("error: ") and url in done.stderr
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+@pytest.mark.parametrize("protocol,shared_memory", [("http", "none"), ("grpc", "system"), ("http", "system")])
+def test_http_and_shared_memory_give_the_exact_map(served, tmp_path, protocol, shared_memory):
+    server, model = served
+    src, image = scene_file(tmp_path / "scene.tif")
+    url = server.http_url if protocol == "http" else server.grpc_url
+    code = main([str(src), "--out", str(tmp_path / "out"), "--url", url, "--protocol", protocol, "--shared-memory",
+                 shared_memory, "--tile", str(EXACT_TILE), "--margin", str(EXACT_MARGIN), "--batch", "3",
+                 "--no-progress"])
+    assert code == 0
+    np.testing.assert_array_equal(read_map(tmp_path / "out" / "scene.classes.tif"),
+                                  whole_image(model, image, EXACT_TILE))
+    assert not [p for p in Path("/dev/shm").iterdir() if p.name.startswith(f"rsseg-{os.getpid()}-")]
+
+
+def test_tta_and_probabilities_from_the_server(served, tmp_path):
+    """--tta d4 reaches the server: the stitched map is the server's d4 answer for the whole image
+    (flips and quarter turns keep windows on the stride grid, so stitching stays exact); --probabilities
+    writes the fp16 probabilities that go with it."""
+    server, model = served
+    src, image = scene_file(tmp_path / "scene.tif", shape=(200, 300))
+    code = main([str(src), "--out", str(tmp_path / "out"), "--url", server.grpc_url, "--tta", "d4", "--probabilities",
+                 "--tile", str(EXACT_TILE), "--margin", str(EXACT_MARGIN), "--no-progress"])
+    assert code == 0
+    h, w = image.shape[:2]
+    padded = np.pad(image, ((0, padded_extent(h, EXACT_TILE, STRIDE) - h),
+                            (0, padded_extent(w, EXACT_TILE, STRIDE) - w), (0, 0)), mode="reflect")
+    maps, probs = infer_tiles(server.grpc_url, NAME, padded[None], probabilities=True, tta="d4")
+    plain = infer_tiles(server.grpc_url, NAME, padded[None])
+    got = read_map(tmp_path / "out" / "scene.classes.tif")
+    np.testing.assert_array_equal(got, maps[0][:, :h, :w])
+    assert (got != plain[0][:, :h, :w]).any()  # d4 changed some pixels: the parameter was not ignored
+    with rasterio.open(tmp_path / "out" / "scene.probabilities.tif") as f:
+        np.testing.assert_allclose(f.read(), probs[0][:, :h, :w].astype(np.float32), atol=1e-3)
+    summary = json.loads((tmp_path / "out" / "scene.json").read_text())
+    assert summary["probabilities"] == str(tmp_path / "out" / "scene.probabilities.tif")
+
+
+def test_server_killed_mid_scene_fails_cleanly(tmp_path, monkeypatch, capsys):
+    """The server dies after a few requests: the scene fails after its retries with one line naming the
+    server, the previous output is untouched, no temp file is left, the next scene fails too, exit 1."""
+    import torch
+
+    from rsseg.client import triton
+
+    model = build_model(tmp_path, "local", attention="none", encoder_kwargs={"se_layer": torch.nn.Identity})
+    repo = tmp_path / "repo"
+    stage_promotion(tmp_path / "none", repo, NAME, model.spec, model.path, ServingOptions(max_batch_size=4),
+                    {"test": True})
+    first, _ = scene_file(tmp_path / "first.tif")
+    second, _ = scene_file(tmp_path / "second.tif", shape=(100, 100))
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "first.classes.tif").write_bytes(b"yesterday's map")
+    with TritonServer(repo) as server:
+        server.wait_model_ready(NAME)
+        requests = 0
+        original = triton.TritonSegmenter._request
+
+        def request_then_crash(self, *args, **kwargs):
+            nonlocal requests
+            requests += 1
+            if requests == 4:
+                server.stop(kill=True)
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(triton.TritonSegmenter, "_request", request_then_crash)
+        code = main([str(first), str(second), "--out", str(out), "--url", server.grpc_url, "--retries", "1",
+                     "--tile", str(EXACT_TILE), "--margin", str(EXACT_MARGIN), "--no-progress"])
+    assert code == 1 and requests > 4
+    assert sorted(p.name for p in out.iterdir()) == ["first.classes.tif"]
+    assert (out / "first.classes.tif").read_bytes() == b"yesterday's map"
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 3, errors
+    assert all(server.grpc_url in e and "failed 2 times" in e for e in errors[:2]), errors
+    assert errors[2] == f"error: 2 of 2 scene(s) failed: {first}, {second}"
 
 
 @pytest.fixture(scope="module")

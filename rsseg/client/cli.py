@@ -17,9 +17,10 @@ from pathlib import Path
 import rasterio
 
 from rsseg.client.scene import MODES, segment_scene
-from rsseg.client.triton import TritonSegmenter
+from rsseg.client.triton import SHARED_MEMORY, TritonSegmenter
 from rsseg.data.raster import IMAGE_SUFFIXES, raster_info
 from rsseg.errors import DataError, UserError
+from rsseg.serving.triton_models.heads import TTA_MODES
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +42,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    "(default 127.0.0.1:8001, or :8000 with --protocol http)")
     p.add_argument("--model", help="served ensemble (default: the one model served)")
     p.add_argument("--protocol", choices=("grpc", "http"), default="grpc")
+    p.add_argument("--shared-memory", choices=SHARED_MEMORY, default="none",
+                   help="system: tiles and results go through /dev/shm (the server must run on this host)")
+    p.add_argument("--tta", choices=TTA_MODES, help="test-time augmentation done by the server (default: its own)")
+    p.add_argument("--probabilities", action="store_true",
+                   help="also write NAME.probabilities.tif: per-class probabilities, fp16, NaN for nodata")
     p.add_argument("--mode", choices=MODES, default="centre", help="centre-keep ('dilated') or probability blending")
     p.add_argument("--tile", type=int, help="tile size (default: adaptive over the sizes the model accepts)")
     p.add_argument("--margin", type=int, help="centre: pixels dropped per inner window side; blend: overlap")
@@ -68,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         jobs = change_jobs(args) if args.before else [(Path(s), None) for s in expand_scenes(args.scenes)]
         segmenter = TritonSegmenter(urls, args.model, protocol=args.protocol, max_in_flight=args.max_in_flight,
-                                    retries=args.retries)
+                                    retries=args.retries, tta=args.tta, shared_memory=args.shared_memory)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
@@ -80,7 +86,9 @@ def main(argv: list[str] | None = None) -> int:
             name = scene.stem if after is None else f"{scene.stem}_{after.stem}"
             target = out / f"{name}.classes.tif"
             summary = out / f"{name}.json"
-            if target.exists() and summary.exists() and not args.overwrite:
+            probabilities = out / f"{name}.probabilities.tif" if args.probabilities else None
+            complete = target.exists() and summary.exists() and (probabilities is None or probabilities.exists())
+            if complete and not args.overwrite:
                 log.info("%s: complete output in %s, skipped (--overwrite to redo)", scene, target)
                 continue
             try:
@@ -88,12 +96,14 @@ def main(argv: list[str] | None = None) -> int:
                     source = scene if after is None else stack_pair(scene, after, bands, Path(tmp) / "pair.vrt")
                     check_scene(source, segmenter, bands if after is None else None)
                     result = segment_scene(
-                        source, target, _predict(segmenter, args.mode), segmenter.spec, mode=args.mode,
+                        source, target, predictor(segmenter, args.mode, args.probabilities), segmenter.spec,
+                        mode=args.mode,
                         margin=args.margin, tile=args.tile,
                         bands=bands if after is None else list(range(1, 2 * len(bands) + 1)),
                         nodata=args.nodata, batch=min(args.batch, segmenter.max_batch_size),
                         progress=not args.no_progress, in_flight=args.max_in_flight,
                         summary_path=summary, preview_path=out / f"{name}.preview.png",
+                        probabilities_path=probabilities,
                     )
                 log.info("%s -> %s: %d windows (%d skipped as nodata) in %.1f s", scene, target, result.windows,
                          result.windows_skipped, result.timings.get("total_s", 0.0))
@@ -121,10 +131,13 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def _predict(segmenter: TritonSegmenter, mode: str):
+def predictor(segmenter: TritonSegmenter, mode: str, probabilities: bool):
+    """segment_scene's `predict`: the served outputs the mode (and --probabilities) needs."""
     if mode == "blend":
-        return lambda tiles: segmenter(tiles, probabilities=True).astype("float32")
-    return segmenter
+        outputs: tuple[str, ...] = ("PROBABILITIES",)
+    else:
+        outputs = ("CLASS_MAP", "PROBABILITIES") if probabilities else ("CLASS_MAP",)
+    return lambda tiles: segmenter(tiles, outputs)
 
 
 def expand_scenes(patterns: list[str]) -> list[Path]:

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 import rasterio
+import rasterio.shutil
 from rasterio.crs import CRS
 from rasterio.enums import Resampling
 from rasterio.errors import NotGeoreferencedWarning
@@ -60,9 +61,9 @@ def block_size(height: int, width: int) -> int:
     return 512 if min(height, width) >= 2048 else 256
 
 
-def _temp_path(path: Path) -> Path:
+def _temp_path(path: Path, kind: str = "tmp") -> Path:
     # Same folder (rename stays atomic), a suffix GDAL drivers recognise, hidden from globbing *.tif
-    return path.with_name(f".{path.stem}.tmp-{os.getpid()}{path.suffix}")
+    return path.with_name(f".{path.stem}.{kind}-{os.getpid()}{path.suffix}")
 
 
 class _RowStreamWriter:
@@ -155,19 +156,24 @@ class _RowStreamWriter:
                 self._finish(self._dst)
             self._dst.close()
             if exc_type is None:
-                self._tmp.replace(self.path)
+                self._publish(self._tmp).replace(self.path)
                 self.seconds += time.perf_counter() - t0
         finally:
             if not self._dst.closed:
                 self._dst.close()
             self._tmp.unlink(missing_ok=True)
+            _temp_path(self.path, "cog").unlink(missing_ok=True)
             self._pending = []
+
+    def _publish(self, tmp: Path) -> Path:
+        """The finished file to rename to `path` (subclasses may rewrite `tmp` first)."""
+        return tmp
 
 
 class ClassMapWriter(_RowStreamWriter):
-    """The class map: one uint8 band per output head, nodata 255, the class colours as its colour table
-    (single-head maps) and in band tags, nearest-neighbour overviews. Pixel counts per class and head
-    are kept as rows go by (`counts`)."""
+    """The class map: a cloud-optimised GeoTIFF with one uint8 band per output head, nodata 255, the
+    class colours as its colour table (single-head maps) and in band tags, nearest-neighbour overviews.
+    Pixel counts per class and head are kept as rows go by (`counts`)."""
 
     def __init__(self, path: str | Path, *, height: int, width: int, crs: CRS | None, transform: Affine,
                  spec: ModelSpec) -> None:
@@ -208,6 +214,15 @@ class ClassMapWriter(_RowStreamWriter):
         if factors:
             dst.build_overviews(factors, Resampling.nearest)
             dst.update_tags(ns="rio_overview", resampling="nearest")
+
+    def _publish(self, tmp: Path) -> Path:
+        """Rewritten by GDAL's COG driver (overviews first, then the blocks in order: readers over HTTP
+        range requests fetch only what they show). It reuses the overviews built above and keeps the
+        colour table and tags; one more pass over the compressed map (~0.5 s at 8192 x 8192)."""
+        cog = _temp_path(self.path, "cog")
+        rasterio.shutil.copy(tmp, cog, driver="COG", compress="DEFLATE", blocksize=self.block,
+                             overviews="FORCE_USE_EXISTING", overview_resampling="NEAREST", bigtiff="IF_SAFER")
+        return cog
 
 
 class ProbabilityWriter(_RowStreamWriter):

@@ -27,7 +27,7 @@ def served_spec(client: Any, model: str) -> dict[str, Any]:
 def infer_tiles(url: str, model: str, tiles: np.ndarray, *, probabilities: bool = False,
                 tta: str | None = None) -> Any:
     """[N, H, W, C] raw tiles -> [N, G, H, W] uint8 class maps (and [N, K, H, W] fp16 probabilities)."""
-    with TritonSegmenter([url], model, retries=0) as segmenter:
+    with TritonSegmenter([url], model, retries=0, max_in_flight=1) as segmenter:
         names = ("CLASS_MAP", "PROBABILITIES") if probabilities else ("CLASS_MAP",)
         out = segmenter.infer(tiles, names, tta)
     return (out["CLASS_MAP"], out["PROBABILITIES"]) if probabilities else out["CLASS_MAP"]

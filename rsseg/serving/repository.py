@@ -116,10 +116,11 @@ def model_files(name: str, spec: ModelSpec) -> dict[str, dict[str, Path | None]]
     """Per model: files of a version folder (source path to copy; None for files written separately)."""
     names = step_names(name)
     io = {"triton_io.py": MODELS_DIR / "triton_io.py"}
+    heads = {"heads.py": MODELS_DIR / "heads.py"}
     files: dict[str, dict[str, Path | None]] = {
         names["preprocess"]: {"model.py": MODELS_DIR / "preprocess.py", **io},
-        names["segmenter"]: {"model.py": MODELS_DIR / "segmenter.py", **io, ONNX_FILE: None, SPEC_FILE: None},
-        names["postprocess"]: {"model.py": MODELS_DIR / "postprocess.py", "heads.py": MODELS_DIR / "heads.py", **io},
+        names["segmenter"]: {"model.py": MODELS_DIR / "segmenter.py", **heads, **io, ONNX_FILE: None, SPEC_FILE: None},
+        names["postprocess"]: {"model.py": MODELS_DIR / "postprocess.py", **heads, **io},
         name: {},
     }
     if accepts_files(spec):

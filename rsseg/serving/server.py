@@ -355,15 +355,18 @@ class TritonServer:
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log_text().splitlines()[-lines:])
 
-    def stop(self, grace: float = 20) -> int | None:
-        """SIGTERM (Triton unloads models and stops its stubs), SIGKILL to the whole group after `grace` s.
-        Returns the exit code; safe to call twice."""
+    def stop(self, grace: float = 20, *, kill: bool = False) -> int | None:
+        """SIGTERM (Triton unloads models and stops its stubs), SIGKILL to the whole group after `grace` s;
+        `kill=True` sends SIGKILL at once, as a crash would. Returns the exit code; safe to call twice."""
         process = self._process
         if process is None:
             return None
         if self._stopped:
             return process.returncode
         regions = _stub_shm_regions(process.pid)
+        if kill:
+            self._kill_group(process.pid)
+            process.wait()
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
             try:

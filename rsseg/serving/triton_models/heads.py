@@ -1,10 +1,13 @@
-"""Output heads in numpy: the one definition the served postprocess and the scene client share.
+"""Output heads in numpy: the one definition the served models and the scene client share.
 
-numpy only (promotion copies this file beside the postprocess model.py). The torch twin used in
-training and export checks is rsseg.inference.class_maps; tests compare the two.
+numpy only (promotion copies this file beside the segmenter's and postprocess's model.py). The torch
+twin used in training and export checks is rsseg.inference.class_maps; tests compare the two.
 """
 
 import numpy as np
+
+# Test-time augmentation the segmenter offers (config parameter or request parameter `tta`).
+TTA_MODES = ("none", "flips", "d4")
 
 
 def split(logits, groups):

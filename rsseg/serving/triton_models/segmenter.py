@@ -16,6 +16,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # triton_io.py s
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
+from heads import TTA_MODES  # noqa: E402
 from triton_io import (  # noqa: E402
     error_response,
     input_array,
@@ -23,8 +24,6 @@ from triton_io import (  # noqa: E402
     parameter,
     quiet_dlpack_noise,
 )
-
-TTA_MODES = ("none", "flips", "d4")
 
 
 def tta_transforms(mode):
