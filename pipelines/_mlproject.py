@@ -35,7 +35,8 @@ EXTRA = """\
       size: {type: float, default: 8192}
       tile: {type: float, default: 512}
       margin: {type: float, default: 32}
-    command: "python -m pipelines.bench_scene --size {size} --tile {tile} --margin {margin}"
+      shared_memory: {type: string, default: none}
+    command: "python -m pipelines.bench_scene --size {size} --tile {tile} --margin {margin} --shared-memory {shared_memory}"
 """
 
 

@@ -21,10 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--reference-tiles", type=int, default=16,
                         help="tiles timed for the ONNX Runtime and PyTorch references")
     parser.add_argument("--encoder", default="tf_efficientnet_lite3")
+    parser.add_argument("--shared-memory", choices=("none", "system"), default="none",
+                        help="how the client hands tiles to the server on this host")
     args = parser.parse_args(argv)
     print(json.dumps(scene_benchmark(size=args.size, tile=args.tile, margin=args.margin, batch=args.batch,
                                      max_in_flight=args.max_in_flight, reference_tiles=args.reference_tiles,
-                                     encoder=args.encoder)), flush=True)
+                                     encoder=args.encoder, shared_memory=args.shared_memory)), flush=True)
     return 0
 
 

@@ -194,7 +194,8 @@ def write_large_scene(path: Path, size: int, block: int = 1024, seed: int = 0) -
 
 
 def scene_benchmark(*, size: int = 8192, tile: int = 512, margin: int = 32, batch: int = 4, max_in_flight: int = 2,
-                    reference_tiles: int = 16, encoder: str = "tf_efficientnet_lite3") -> dict[str, Any]:
+                    reference_tiles: int = 16, encoder: str = "tf_efficientnet_lite3",
+                    shared_memory: str = "none") -> dict[str, Any]:
     """End to end through Triton (a real `python clients/segment.py` process, its peak RSS measured)
     against ONNX Runtime in process and a PyTorch eager loop, all on the seed UNet at `tile`."""
     import subprocess
@@ -217,7 +218,7 @@ def scene_benchmark(*, size: int = 8192, tile: int = 512, margin: int = 32, batc
     model, spec = build_model(TrainConfig(encoder=encoder), dataset, tile)
     model.eval()
     result: dict[str, Any] = {"scene": f"{size}x{size}", "tile": tile, "margin": margin, "batch": batch,
-                              "max_in_flight": max_in_flight, "encoder": encoder}
+                              "max_in_flight": max_in_flight, "encoder": encoder, "shared_memory": shared_memory}
     tiles = np.stack([sample_tile(spec, tile, seed=i) for i in range(reference_tiles)])
     with tempfile.TemporaryDirectory(prefix="rsseg-scene-bench-") as tmp:
         tmp_path = Path(tmp)
@@ -250,7 +251,8 @@ def scene_benchmark(*, size: int = 8192, tile: int = 512, margin: int = 32, batc
             start = time.perf_counter()
             done = subprocess.run([sys.executable, str(client), str(scene), "--out", str(tmp_path / "out"),
                                    "--url", server.grpc_url, "--tile", str(tile), "--margin", str(margin),
-                                   "--batch", str(batch), "--max-in-flight", str(max_in_flight), "--no-progress"],
+                                   "--batch", str(batch), "--max-in-flight", str(max_in_flight),
+                                   "--shared-memory", shared_memory, "--no-progress"],
                                   capture_output=True, text=True)
             wall = time.perf_counter() - start
         if done.returncode != 0:

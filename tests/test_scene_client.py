@@ -347,6 +347,18 @@ def test_probabilities_file(local_model: Model, tmp_path: Path, mode: str) -> No
     assert not (tmp_path / "again.tif").exists() and not (tmp_path / "again-probs.tif").exists()
 
 
+def test_png_scene_without_georeferencing(local_model: Model, tmp_path: Path) -> None:
+    """Any raster rasterio reads: a plain PNG (no CRS) gives the same exact map, without a CRS."""
+    img = scene_image((150, 170), seed=8)
+    path = tmp_path / "photo.png"
+    with rasterio.open(path, "w", driver="PNG", height=150, width=170, count=3, dtype="uint8") as dst:
+        dst.write(np.moveaxis(img, -1, 0))
+    summary = segment_scene(path, tmp_path / "photo.classes.tif", local_model.predict, local_model.spec,
+                            tile=EXACT_TILE, margin=EXACT_MARGIN, progress=False)
+    np.testing.assert_array_equal(read_map(tmp_path / "photo.classes.tif"), whole_image(local_model, img, EXACT_TILE))
+    assert summary.crs is None and summary.area_unit == "pixel^2"
+
+
 def test_scene_smaller_than_a_tile(local_model: Model, tmp_path: Path) -> None:
     img = scene_image((40, 53), seed=3)
     path = write_geotiff(tmp_path / "small.tif", img, crs="EPSG:3413")

@@ -200,20 +200,23 @@ def test_server_killed_mid_scene_fails_cleanly(tmp_path, monkeypatch, capsys):
 
 @pytest.fixture(scope="module")
 def served_change(tmp_path_factory):
-    """A tiny siamese change model (no global blocks) served under the promotion layout."""
+    """A tiny siamese change model (no global blocks) with the semantic heads of SECOND data, served
+    under the promotion layout."""
     import torch
 
     from rsseg.export.onnx import export_onnx
     from rsseg.models import create_model
-    from rsseg.spec import DatasetSpec, ModelSpec, OutputGroup
+    from rsseg.spec import DatasetSpec, ModelSpec, output_groups_for
 
     tmp = tmp_path_factory.mktemp("served_change")
     torch.manual_seed(0)
-    outputs = [OutputGroup("change", 2)]
+    dataset = DatasetSpec(name="change-test", task="change", classes=["no_change", "change"],
+                          colors=[[0, 0, 0], [255, 255, 255]], bands=[1, 2, 3],
+                          semantic_classes=["unchanged", "water", "building", "tree"],
+                          semantic_colors=[[0, 0, 0], [0, 0, 255], [255, 0, 0], [0, 128, 0]])
+    outputs = output_groups_for(dataset)
     model = create_model("siamese_unet", "test_efficientnet", 6, outputs, attention="none",
                          encoder_kwargs={"se_layer": torch.nn.Identity}).eval()
-    dataset = DatasetSpec(name="change-test", task="change", classes=["no_change", "change"],
-                          colors=[[0, 0, 0], [255, 255, 255]], bands=[1, 2, 3])
     spec = ModelSpec(dataset=dataset, architecture="siamese_unet", encoder="test_efficientnet", in_channels=6,
                      outputs=outputs, tile_size=64, tile_sizes=[64], stride=model.stride,
                      model_name="change-test", model_version="1")
@@ -236,7 +239,15 @@ def test_change_pair_is_read_over_the_same_windows(served_change, tmp_path):
                  "--url", server.grpc_url, "--tile", "64", "--no-progress"])
     assert code == 0
     expected = onnx_class_maps(onnx, spec, np.concatenate([before, after], axis=-1)[None])[0]
-    np.testing.assert_array_equal(read_map(tmp_path / "out" / "a_b.classes.tif").reshape(expected.shape), expected)
+    got = read_map(tmp_path / "out" / "a_b.classes.tif")
+    np.testing.assert_array_equal(got, expected)  # change, semantic_a, semantic_b
+    assert (got[0] == 1).any() and (got[0] == 0).any()
+    assert (got[1:, got[0] == 0] == 0).all() and (got[1:, got[0] == 1] > 0).all()  # classes of changed areas
+    with rasterio.open(tmp_path / "out" / "a_b.classes.tif") as f:
+        assert f.descriptions == ("change", "semantic_a", "semantic_b")
+        assert json.loads(f.tags(2)["classes"])[1:] == ["water", "building", "tree"]
+    summary = json.loads((tmp_path / "out" / "a_b.json").read_text())
+    assert set(summary["heads"]) == {"change", "semantic_a", "semantic_b"}
     # A pair on different grids is refused in one line, with no output.
     write_geotiff(tmp_path / "c.tif", scene_image((64, 80), seed=3), crs=UTM)
     code = main(["--before", str(tmp_path / "a.tif"), "--after", str(tmp_path / "c.tif"), "--out", str(tmp_path / "out2"),
