@@ -262,6 +262,7 @@ def scene_benchmark(*, size: int = 8192, tile: int = 512, margin: int = 32, batc
                                    "--shared-memory", shared_memory, "--no-progress"],
                                   capture_output=True, text=True)
             wall = time.perf_counter() - start
+            result["server_steps"] = triton_step_times(server.metrics_url)
         # Measured again after the scene: this machine is shared and its speed drifts over minutes;
         # the ratios use the mean of both, and both are printed.
         after = references()
@@ -287,6 +288,27 @@ def scene_benchmark(*, size: int = 8192, tile: int = 512, margin: int = 32, batc
     keep = (tile - 2 * margin) ** 2 / tile**2
     result["scene_pixels_per_tile_pixel"] = keep
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}
+
+
+def triton_step_times(metrics_url: str) -> dict[str, dict[str, float]]:
+    """Per served model, from Triton's Prometheus metrics: tiles, executions (batches), seconds queued
+    and computing, and tiles per compute second; where the end-to-end time went inside the server."""
+    import re
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://{metrics_url}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    wanted = {"nv_inference_count": "tiles", "nv_inference_exec_count": "executions",
+              "nv_inference_queue_duration_us": "queue_s", "nv_inference_compute_infer_duration_us": "compute_s"}
+    steps: dict[str, dict[str, float]] = {}
+    for metric, model, value in re.findall(r'^(nv_inference_\w+)\{model="([^"]+)"[^}]*\} (\S+)$', text, re.M):
+        if metric in wanted:
+            scale = 1e-6 if metric.endswith("_us") else 1.0
+            steps.setdefault(model, {})[wanted[metric]] = float(value) * scale
+    for step in steps.values():
+        if step.get("compute_s"):
+            step["tiles_per_compute_s"] = step.get("tiles", 0.0) / step["compute_s"]
+    return {model: {k: round(v, 3) for k, v in step.items()} for model, step in sorted(steps.items())}
 
 
 def _reported_peak_mb(log_text: str) -> float | None:

@@ -28,7 +28,9 @@ from tests.test_scene_client import (
     EXACT_TILE,
     STRIDE,
     UTM,
+    Model,
     build_model,
+    make_spec,
     read_map,
     scene_image,
     whole_image,
@@ -199,6 +201,59 @@ def test_server_killed_mid_scene_fails_cleanly(tmp_path, monkeypatch, capsys):
 
 
 @pytest.fixture(scope="module")
+def served_uint16(tmp_path_factory):
+    """Two models on one server: the tiny local UNet for uint8 RGB and the same weights trained (so to
+    speak) on uint16 bands 3, 1, 2 of four-band scenes; the client must be told which with --model."""
+    import torch
+
+    from rsseg.export.onnx import export_onnx
+    from rsseg.models import create_model
+    from rsseg.spec import OutputGroup
+
+    tmp = tmp_path_factory.mktemp("served_uint16")
+    torch.manual_seed(0)
+    net = create_model("unet", "test_efficientnet", 3, [OutputGroup("classes", 3)], attention="none",
+                       encoder_kwargs={"se_layer": torch.nn.Identity}).eval()
+    spec8, spec16 = make_spec(STRIDE), make_spec(STRIDE, dtype="uint16", bands=[3, 1, 2])
+    spec16.model_name = "rsseg-scene-u16"
+    onnx8, onnx16 = export_onnx(net, spec8, tmp / "u8.onnx"), export_onnx(net, spec16, tmp / "u16.onnx")
+    stage_promotion(tmp / "none", tmp / "one", "rgb", spec8, onnx8, ServingOptions(max_batch_size=4), {})
+    stage_promotion(tmp / "one", tmp / "repo", "u16", spec16, onnx16, ServingOptions(max_batch_size=4), {})
+    with TritonServer(tmp / "repo") as server:
+        server.wait_model_ready("u16")
+        yield server, Model(onnx16, spec16)
+
+
+def test_uint16_four_bands_small_and_all_nodata_scenes_through_the_server(served_uint16, tmp_path, capsys):
+    server, model = served_uint16
+    image = scene_image((250, 290), bands=4, seed=5, top=4000) + 1  # 0 is nodata
+    image[:, 190:] = 0  # whole windows of nodata: not sent
+    image[40:70, 100:150] = 0  # nodata inside a window: stays nodata
+    write_geotiff(tmp_path / "four.tif", image, crs=UTM, nodata=0)
+    small = scene_image((40, 53), bands=4, seed=6, top=4000) + 1
+    write_geotiff(tmp_path / "small.tif", small, crs=UTM, nodata=0)
+    write_geotiff(tmp_path / "empty.tif", np.zeros((100, 130, 4), np.uint16), crs=UTM, nodata=0)
+    scenes = [str(tmp_path / f"{n}.tif") for n in ("four", "small", "empty")]
+    # Two models served: the client asks which one.
+    assert main([*scenes, "--out", str(tmp_path / "x"), "--url", server.grpc_url, "--no-progress"]) == 2
+    assert "choose one with --model" in capsys.readouterr().err
+    code = main([*scenes, "--out", str(tmp_path / "out"), "--url", server.grpc_url, "--model", "u16", "--bands",
+                 "3,1,2", "--tile", str(EXACT_TILE), "--margin", str(EXACT_MARGIN), "--no-progress"])
+    assert code == 0
+    for name, img in (("four", image), ("small", small)):
+        got = read_map(tmp_path / "out" / f"{name}.classes.tif")
+        expected = whole_image(model, img[..., [2, 0, 1]], EXACT_TILE, model.spec)
+        nodata = (img == 0).all(axis=-1)
+        expected[:, nodata] = 255
+        np.testing.assert_array_equal(got, expected, err_msg=name)
+    assert (read_map(tmp_path / "out" / "empty.classes.tif") == 255).all()
+    summaries = {n: json.loads((tmp_path / "out" / f"{n}.json").read_text()) for n in ("four", "small", "empty")}
+    assert summaries["four"]["windows_skipped"] > 0 and summaries["four"]["model_name"] == "rsseg-scene-u16"
+    assert summaries["small"]["windows"] == 1
+    assert summaries["empty"]["windows_predicted"] == 0
+
+
+@pytest.fixture(scope="module")
 def served_change(tmp_path_factory):
     """A tiny siamese change model (no global blocks) with the semantic heads of SECOND data, served
     under the promotion layout."""
@@ -270,3 +325,6 @@ def test_scene_benchmark_runs_small(capsys):
                 "pytorch_eager_tiles_per_s", "ratio_end_to_end_to_onnxruntime_tiles", "client_peak_rss_mb"):
         assert result[key] > 0, key
     assert result["end_to_end_megapixels_per_s"] == pytest.approx(1.0 / result["end_to_end_s"], rel=0.01)
+    steps = result["server_steps"]  # from Triton's metrics: every window went through every step once
+    assert steps["bench"]["tiles"] == steps["bench-segmenter"]["tiles"] == 25
+    assert steps["bench-segmenter"]["compute_s"] > 0
