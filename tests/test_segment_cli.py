@@ -100,14 +100,17 @@ def test_bad_inputs_fail_cleanly_and_the_run_goes_on(served, tmp_path):
     broken.write_bytes(b"not a raster")
     two_bands = tmp_path / "two.tif"
     write_geotiff(two_bands, np.zeros((64, 64, 2), np.uint8), crs=UTM)
+    truncated, _ = scene_file(tmp_path / "truncated.tif", shape=(600, 600))  # opens, then a block is missing
+    truncated.write_bytes(truncated.read_bytes()[: truncated.stat().st_size // 2])
     out = tmp_path / "out"
     done = subprocess.run([sys.executable, str(PROJECT / "clients" / "segment.py"), str(broken), str(two_bands),
-                           str(good), "--out", str(out), "--url", server.grpc_url, "--no-progress"],
+                           str(truncated), str(good), "--out", str(out), "--url", server.grpc_url, "--no-progress"],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 1
     errors = [line for line in done.stderr.splitlines() if line.startswith("error: ")]
     assert any(str(broken) in e for e in errors) and any(str(two_bands) in e and "--bands" in e for e in errors)
-    assert "2 of 3 scene(s) failed" in errors[-1]
+    assert any(str(truncated) in e and "cannot read" in e for e in errors), errors
+    assert "3 of 4 scene(s) failed" in errors[-1] and len(errors) == 4
     assert sorted(p.name for p in out.iterdir()) == ["good.classes.tif", "good.json", "good.preview.png"]
 
 

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import rasterio
+from rasterio.errors import RasterioError
 
 from rsseg.client.scene import MODES, segment_scene
 from rsseg.client.triton import SHARED_MEMORY, TritonSegmenter
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
                 with tempfile.TemporaryDirectory(prefix="rsseg-pair-") as tmp:
                     source = scene if after is None else stack_pair(scene, after, bands, Path(tmp) / "pair.vrt")
                     check_scene(source, segmenter, bands if after is None else None)
-                    result = segment_scene(
+                    segment_scene(
                         source, target, predictor(segmenter, args.mode, args.probabilities), segmenter.spec,
                         mode=args.mode,
                         margin=args.margin, tile=args.tile,
@@ -105,16 +106,22 @@ def main(argv: list[str] | None = None) -> int:
                         summary_path=summary, preview_path=out / f"{name}.preview.png",
                         probabilities_path=probabilities,
                     )
-                log.info("%s -> %s: %d windows (%d skipped as nodata) in %.1f s", scene, target, result.windows,
-                         result.windows_skipped, result.timings.get("total_s", 0.0))
             except UserError as exc:
                 print(f"error: {exc}", file=sys.stderr)
+                failed.append(str(scene))
+            except RasterioError as exc:  # a file that opens but breaks while read (truncated, corrupt blocks)
+                print(f"error: {scene}: cannot read ({_first_line(exc)}); check or re-download the file",
+                      file=sys.stderr)
                 failed.append(str(scene))
     log.info("peak resident memory of this client: %.0f MB", peak_rss_mb())
     if failed:
         print(f"error: {len(failed)} of {len(jobs)} scene(s) failed: {', '.join(failed)}", file=sys.stderr)
         return EXIT_FAILED_SCENES
     return 0
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
 
 
 def peak_rss_mb() -> float:
