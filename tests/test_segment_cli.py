@@ -24,6 +24,8 @@ from rsseg.serving.repository import ServingOptions, stage_promotion
 from rsseg.serving.server import TritonServer, free_loopback_ports
 from tests.conftest import PROJECT
 from tests.test_scene_client import (
+    BLEND_MARGIN,
+    BLEND_TILE,
     EXACT_MARGIN,
     EXACT_TILE,
     STRIDE,
@@ -140,14 +142,16 @@ def test_http_and_shared_memory_give_the_exact_map(served, tmp_path, protocol, s
     assert not [p for p in Path("/dev/shm").iterdir() if p.name.startswith(f"rsseg-{os.getpid()}-")]
 
 
-def test_tta_and_probabilities_from_the_server(served, tmp_path):
+@pytest.mark.parametrize("shared_memory", ["none", "system"])
+def test_tta_and_probabilities_from_the_server(served, tmp_path, shared_memory):
     """--tta d4 reaches the server: the stitched map is the server's d4 answer for the whole image
     (flips and quarter turns keep windows on the stride grid, so stitching stays exact); --probabilities
     writes the fp16 probabilities that go with it."""
     server, model = served
     src, image = scene_file(tmp_path / "scene.tif", shape=(200, 300))
     code = main([str(src), "--out", str(tmp_path / "out"), "--url", server.grpc_url, "--tta", "d4", "--probabilities",
-                 "--tile", str(EXACT_TILE), "--margin", str(EXACT_MARGIN), "--no-progress"])
+                 "--shared-memory", shared_memory, "--tile", str(EXACT_TILE), "--margin", str(EXACT_MARGIN),
+                 "--no-progress"])
     assert code == 0
     h, w = image.shape[:2]
     padded = np.pad(image, ((0, padded_extent(h, EXACT_TILE, STRIDE) - h),
@@ -161,6 +165,19 @@ def test_tta_and_probabilities_from_the_server(served, tmp_path):
         np.testing.assert_allclose(f.read(), probs[0][:, :h, :w].astype(np.float32), atol=1e-3)
     summary = json.loads((tmp_path / "out" / "scene.json").read_text())
     assert summary["probabilities"] == str(tmp_path / "out" / "scene.probabilities.tif")
+
+
+def test_blend_mode_through_the_server(served, tmp_path):
+    """--mode blend asks for the fp16 probabilities and blends them: >= 99.9 % of pixels agree with the
+    whole-image pass (blending is not exact by design)."""
+    server, model = served
+    src, image = scene_file(tmp_path / "scene.tif")
+    code = main([str(src), "--out", str(tmp_path / "out"), "--url", server.grpc_url, "--mode", "blend", "--tile",
+                 str(BLEND_TILE), "--margin", str(BLEND_MARGIN), "--no-progress"])
+    assert code == 0
+    got = read_map(tmp_path / "out" / "scene.classes.tif")
+    agree = float((got == whole_image(model, image, BLEND_TILE)).mean())
+    assert agree >= 0.999, f"{agree:.4%}"
 
 
 def test_server_killed_mid_scene_fails_cleanly(tmp_path, monkeypatch, capsys):
