@@ -147,7 +147,7 @@ def test_tta_and_probabilities_from_the_server(served, tmp_path, shared_memory):
     """--tta d4 reaches the server: the stitched map is the server's d4 answer for the whole image
     (flips and quarter turns keep windows on the stride grid, so stitching stays exact); --probabilities
     writes the fp16 probabilities that go with it."""
-    server, model = served
+    server, _ = served
     src, image = scene_file(tmp_path / "scene.tif", shape=(200, 300))
     code = main([str(src), "--out", str(tmp_path / "out"), "--url", server.grpc_url, "--tta", "d4", "--probabilities",
                  "--shared-memory", shared_memory, "--tile", str(EXACT_TILE), "--margin", str(EXACT_MARGIN),

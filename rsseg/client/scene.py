@@ -21,8 +21,8 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
-from contextlib import nullcontext
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -180,9 +180,9 @@ def segment_scene(
         bar = tqdm(total=len(plan), desc="segment", unit="tile", disable=not progress, file=sys.stderr)
         try:
             geo = dict(height=height, width=width, crs=src.crs, transform=src.transform, spec=spec)
-            with ClassMapWriter(out_path, **geo) as writer, \
-                    (ProbabilityWriter(probabilities_path, **geo) if probabilities_path else nullcontext()) as pw:
-                output = _Output(writer, pw, bar)
+            probability_file = ProbabilityWriter(probabilities_path, **geo) if probabilities_path else nullcontext()
+            with ClassMapWriter(out_path, **geo) as writer, probability_file as prob_writer:
+                output = _Output(writer, prob_writer, bar)
                 rows = _rows(plan)
                 if mode == "centre":
                     channels = spec.num_output_channels if probabilities_path else 0
@@ -195,7 +195,7 @@ def segment_scene(
             run.close()
             bar.close()
         crs, transform = src.crs, src.transform
-    write_s = writer.seconds + (pw.seconds if probabilities_path else 0.0)
+    write_s = writer.seconds + (prob_writer.seconds if prob_writer else 0.0)
     timings = {"read_s": reader.seconds, "predict_s": run.seconds, "write_s": write_s, "total_s": 0.0}
     pixel_area = abs(transform.a * transform.e - transform.b * transform.d)  # rotated/sheared too
     summary = SceneSummary(
@@ -357,9 +357,8 @@ class _Run:
             maps = maps.astype(np.uint8, copy=False)
         if self.want_probabilities:
             if probs is None:
-                raise DataError(f"{self.mode} mode{' with probabilities' if self.want_maps else ''}: predict "
-                                "must return probabilities" + (" as (class_maps, probabilities)" if self.want_maps
-                                                               else ""))
+                raise DataError("predict must return probabilities (in centre mode with probabilities: a "
+                                "(class_maps, probabilities) tuple)")
             probs = np.asarray(probs)
             if probs.shape != (n, self.channels, self.tile, self.tile):
                 raise DataError(f"predict returned probabilities of shape {probs.shape}; expected "

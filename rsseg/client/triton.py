@@ -15,12 +15,15 @@ from typing import Any
 import numpy as np
 
 from rsseg.errors import UserError
+from rsseg.serving.repository import OUTPUT_TYPES
+from rsseg.serving.repository import TRITON_DTYPES as CONFIG_DTYPES
 from rsseg.serving.triton_models.heads import TTA_MODES
 from rsseg.spec import ModelSpec
 
 log = logging.getLogger(__name__)
 
-TRITON_DTYPES = {"uint8": "UINT8", "uint16": "UINT16"}
+# Wire names of the tile dtypes: the config types without their TYPE_ prefix.
+TRITON_DTYPES = {dtype: config_type.removeprefix("TYPE_") for dtype, config_type in CONFIG_DTYPES.items()}
 
 
 class ServerUnavailable(UserError):
@@ -32,8 +35,7 @@ class InferenceFailed(UserError):
 
 
 SHARED_MEMORY = ("none", "system")
-# Output tensors of the served ensemble and their dtypes (rsseg.serving.repository writes them).
-OUTPUT_DTYPES = {"CLASS_MAP": np.uint8, "PROBABILITIES": np.float16}
+OUTPUT_DTYPES = {name: np.dtype(dtype) for name, (_, dtype) in OUTPUT_TYPES.items()}
 
 
 class TritonSegmenter:
@@ -158,7 +160,7 @@ class TritonSegmenter:
     def _output_sizes(self, tiles: np.ndarray, outputs: Sequence[str]) -> dict[str, int]:
         n, h, w = tiles.shape[:3]
         channels = {"CLASS_MAP": len(self.spec.outputs), "PROBABILITIES": self.spec.num_output_channels}
-        return {name: n * channels[name] * h * w * np.dtype(OUTPUT_DTYPES[name]).itemsize for name in outputs}
+        return {name: n * channels[name] * h * w * OUTPUT_DTYPES[name].itemsize for name in outputs}
 
     def _connect(self, url: str, bootstrap: bool = False) -> Any:
         """A client for `url`, retried with backoff while the server does not answer."""
@@ -237,7 +239,7 @@ class _SharedMemory:
         from tritonclient.utils import shared_memory as shm
 
         dtype = OUTPUT_DTYPES[output]
-        if int(np.prod(shape)) * np.dtype(dtype).itemsize != size:
+        if int(np.prod(shape)) * dtype.itemsize != size:
             raise InferenceFailed(f"{self.owner.model}: output {output} has shape {shape}, not the {size} bytes "
                                   "placed for it")
         return shm.get_contents_as_numpy(self.regions["output"][0], dtype, shape, offset=offset).copy()

@@ -30,6 +30,8 @@ SPEC_FILE = "model_spec.json"
 ONNX_FILE = "model.onnx"
 KEEP_VERSIONS = 3  # the served version and two to roll back to
 TRITON_DTYPES = {"uint8": "TYPE_UINT8", "uint16": "TYPE_UINT16"}
+# The ensemble's outputs: config type and numpy dtype. Clients size shared-memory regions from it.
+OUTPUT_TYPES = {"CLASS_MAP": ("TYPE_UINT8", "uint8"), "PROBABILITIES": ("TYPE_FP16", "float16")}
 BYTES_PER_SAMPLE = {"uint8": 1, "uint16": 2}
 
 
@@ -90,8 +92,7 @@ def model_configs(name: str, spec: ModelSpec, version: int, options: ServingOpti
             parameters={"models": json.dumps([ONNX_FILE]), "tta": options.tta}, **common),
         names["postprocess"]: _python_config(
             names["postprocess"], inputs=[("LOGITS", "TYPE_FP32", [classes, -1, -1])],
-            outputs=[("CLASS_MAP", "TYPE_UINT8", [groups, -1, -1]),
-                     ("PROBABILITIES", "TYPE_FP16", [classes, -1, -1])], kind="KIND_CPU",
+            outputs=_output_tensors(groups, classes), kind="KIND_CPU",
             count=options.instances, parameters={"outputs": json.dumps([[g.name, g.channels] for g in spec.outputs])},
             **common),
     }
@@ -256,6 +257,12 @@ def _python_config(name: str, *, inputs, outputs, kind: str, count: int, paramet
     ]) + "\n"
 
 
+def _output_tensors(groups: int, classes: int) -> list[tuple[str, str, list[int]]]:
+    """CLASS_MAP [G, H, W] (one map per output group) and PROBABILITIES [K, H, W]."""
+    channels = {"CLASS_MAP": groups, "PROBABILITIES": classes}
+    return [(name, config_type, [channels[name], -1, -1]) for name, (config_type, _) in OUTPUT_TYPES.items()]
+
+
 def _ensemble_config(name: str, first: str, input_tensor: tuple, names: dict[str, str], groups: int, classes: int,
                      version: int, max_batch: int, serving_spec: dict[str, Any]) -> str:
     input_name = input_tensor[0]
@@ -264,8 +271,7 @@ def _ensemble_config(name: str, first: str, input_tensor: tuple, names: dict[str
         'platform: "ensemble"',
         f"max_batch_size: {max_batch}",
         _tensor("input", *input_tensor),
-        _tensor("output", "CLASS_MAP", "TYPE_UINT8", [groups, -1, -1]),
-        _tensor("output", "PROBABILITIES", "TYPE_FP16", [classes, -1, -1]),
+        *(_tensor("output", *t) for t in _output_tensors(groups, classes)),
         "ensemble_scheduling { step [",
         f'  {{ model_name: "{first}" model_version: -1 input_map {{ key: "{input_name}" value: "{input_name}" }}'
         ' output_map { key: "INPUT" value: "input" } },',
