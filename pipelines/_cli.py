@@ -1,4 +1,5 @@
-"""What every entry point shares: logging set-up and one-line errors with a non-zero exit."""
+"""What every entry point shares: logging set-up, one-line errors with a non-zero exit, and clean-up on
+SIGTERM/SIGINT (exit 128 + the signal number)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from collections.abc import Callable
 
 from rsseg.config import add_arguments
 from rsseg.errors import UserError
+from rsseg.signals import Interrupted, exit_on_signals
 
 EXIT_USER_ERROR = 2
 
@@ -25,8 +27,12 @@ def run(main: Callable[[list[str] | None], int | None], argv: list[str] | None =
     for noisy in ("alembic", "mlflow.store", "urllib3"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
-        code = main(argv)
+        with exit_on_signals():
+            code = main(argv)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(getattr(exc, "exit_code", EXIT_USER_ERROR))
+    except Interrupted as exc:
+        print(f"error: {exc}; what was being written was removed", file=sys.stderr)
+        sys.exit(exc.exit_code)
     sys.exit(code or 0)
