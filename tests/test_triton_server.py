@@ -5,6 +5,7 @@ Tests marked `triton` start a real tritonserver (about 2 s to ready, 3 s to stop
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -164,8 +165,11 @@ def test_console_script_binds_loopback_and_stops(tmp_path: Path) -> None:
             assert process.poll() is None, log_path.read_text(errors="replace")[-3000:]
             assert time.monotonic() < deadline, "not ready in 60 s"
             time.sleep(0.2)
-        # exec, not a child: the listening process is the one we started.
-        _assert_loopback_only(process.pid, [http, grpc, metrics])
+        # launcher -> guardian (leader of its own process group) -> the listening server
+        (guardian,) = _children(process.pid)
+        (server_pid,) = _children(guardian)
+        assert os.getpgid(server_pid) == os.getpgid(guardian) == guardian
+        _assert_loopback_only(server_pid, [http, grpc, metrics])
         assert re.search(r"Started HTTPService at 127\.0\.0\.1:", log_path.read_text(errors="replace"))
     finally:
         process.send_signal(signal.SIGTERM)
@@ -175,6 +179,92 @@ def test_console_script_binds_loopback_and_stops(tmp_path: Path) -> None:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
     assert process.returncode == 0
+
+
+def _children(pid: int) -> list[int]:
+    return [int(p) for p in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _group_members(pgid: int) -> list[int]:
+    """PIDs whose process group is `pgid` (the server and its Python-backend stubs)."""
+    members = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            fields = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(proc.name))
+    return members
+
+
+def _start_script(repo: Path, log_path: Path, ports: list[int]) -> subprocess.Popen:
+    script = Path(sys.prefix) / "bin" / "tritonserver"
+    if not script.exists():
+        pytest.skip(f"{script} not installed: pip install -e . first")
+    http, grpc, metrics = ports
+    with open(log_path, "wb") as log_file:
+        return subprocess.Popen(
+            [str(script), "--model-repository", str(repo), f"--http-port={http}", f"--grpc-port={grpc}",
+             f"--metrics-port={metrics}"], stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_for_stubs(group: int, count: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while len(_group_members(group)) < 2 + count:  # guardian, server, stubs
+        assert time.monotonic() < deadline, "the Python-backend stubs did not start"
+        time.sleep(0.1)
+
+
+@needs_pytriton
+@pytest.mark.triton
+def test_busy_port_is_refused_before_anything_loads(tmp_path: Path) -> None:
+    repo = write_repository(tmp_path)
+    ports = triton.free_loopback_ports(3)
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", ports[1]))
+        taken.listen()
+        process = _start_script(repo, tmp_path / "server.log", ports)
+        assert process.wait(30) == 2
+        err = (tmp_path / "server.log").read_text()
+        assert err.count("\n") == 1 and f"gRPC port {ports[1]} on 127.0.0.1 is already in use" in err, err
+        with pytest.raises(triton.PortInUse, match=f"--grpc-port=N"):
+            TritonServer(repo, http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2]).start()
+
+
+@needs_pytriton
+@pytest.mark.triton
+@pytest.mark.parametrize("how", ["SIGTERM while loading", "SIGKILL of the launcher"])
+def test_launcher_leaves_no_process_behind(tmp_path: Path, how: str) -> None:
+    """Stopped while its model loads (the stub is up, initialize() still sleeping), or its launcher killed
+    outright: the server and its stub both end."""
+    repo = write_repository(tmp_path)
+    model = repo / "identity" / "1" / "model.py"
+    model.write_text(model.read_text().replace("    def initialize(self, args):\n",
+                                               "    def initialize(self, args):\n        import time; time.sleep(30)\n"))
+    process = _start_script(repo, tmp_path / "server.log", triton.free_loopback_ports(3))
+    try:
+        deadline = time.monotonic() + 30
+        while not Path(f"/proc/{process.pid}/task/{process.pid}/children").read_text().split():
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        (group,) = _children(process.pid)  # the guardian leads the server's process group
+        _wait_for_stubs(group, 1)
+        if how == "SIGTERM while loading":
+            process.send_signal(signal.SIGTERM)
+            assert process.wait(60) != 0
+        else:
+            process.kill()
+            process.wait()
+        deadline = time.monotonic() + 30
+        while _group_members(group):
+            assert time.monotonic() < deadline, f"left running: {_group_members(group)}"
+            time.sleep(0.2)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
 
 
 @needs_pytriton

@@ -1,12 +1,18 @@
 """Run the Triton Inference Server binary shipped in the nvidia-pytriton wheel.
 
 Only the binary, its libraries and the Python backend are used (never pytriton's Python API). Two ways in:
-`main()` is the `tritonserver` console command (it execs the binary), and `TritonServer` starts it as a
-subprocess for tests, promotion checks and benchmarks. Both bind to 127.0.0.1 unless told otherwise.
+`main()` is the `tritonserver` console command, and `TritonServer` starts it as a subprocess for tests,
+promotion checks and benchmarks. Both bind to 127.0.0.1 unless told otherwise.
+
+Triton starts one Python-backend stub process per model instance; a server that dies (or is stopped
+while loading) can leave them running. So the binary always runs as the leader of its own process
+group, with a parent-death signal (it gets SIGTERM when whoever started it dies, even by SIGKILL), and
+its starter kills that whole group once the server has exited. Ports are checked before anything loads.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
@@ -21,7 +27,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -38,6 +44,10 @@ _BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
 
 class TritonNotInstalled(UserError):
     """The Triton binary (from nvidia-pytriton) is missing or unusable in this environment."""
+
+
+class PortInUse(UserError):
+    """A port the server would listen on is taken."""
 
 
 class TritonServerError(RuntimeError):
@@ -188,16 +198,107 @@ def server_command(args: Sequence[str], dist: TritonDist | None = None) -> tuple
     return [str(dist.binary), *defaults, *args], env
 
 
+# Triton's options for the three endpoints: (name, port option, default port, address option, allow option).
+ENDPOINTS = (("HTTP", "--http-port", 8000, "--http-address", "--allow-http"),
+             ("gRPC", "--grpc-port", 8001, "--grpc-address", "--allow-grpc"),
+             ("metrics", "--metrics-port", 8002, "--metrics-address", "--allow-metrics"))
+_FALSE = ("false", "0", "no", "off")
+
+
+def _option(args: Sequence[str], option: str) -> str | None:
+    """The value of `option` in `args` (`--opt=value` or `--opt value`; the last one wins)."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg.startswith(option + "="):
+            value = arg.split("=", 1)[1]
+        elif arg == option and i + 1 < len(args):
+            value = args[i + 1]
+    return value
+
+
+def port_in_use(host: str, port: int) -> bool:
+    """Whether something listens on host:port. SO_REUSEADDR: a port in TIME_WAIT (a server just stopped)
+    is free; only a live listener makes bind fail."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((host, port))
+        except OSError:
+            return True
+    return False
+
+
+def check_ports(args: Sequence[str]) -> None:
+    """Refuse, before any model loads, to start on a port that is taken (one line naming it and the fix):
+    Triton itself finds out only after loading every model, and then leaves their stubs behind."""
+    for label, port_option, default, address_option, allow_option in ENDPOINTS:
+        if (_option(args, allow_option) or "true").lower() in _FALSE:
+            continue
+        port = int(_option(args, port_option) or default)
+        host = _option(args, address_option) or LOOPBACK
+        if port and port_in_use(host, port):
+            raise PortInUse(f"tritonserver: {label} port {port} on {host} is already in use (another "
+                            f"tritonserver?); stop that server or choose a free port with {port_option}=N")
+
+
+GUARDIAN = Path(__file__).resolve().parent / "guardian.py"
+
+
+def spawn(command: Sequence[str], env: dict[str, str], **popen: object) -> subprocess.Popen:
+    """Start `command` under rsseg/serving/guardian.py, which leads a new process group and session,
+    dies with this process (parent-death signal) and kills the server's leftover stubs once it exits.
+    The returned process is the guardian; `server_pid` finds the server itself."""
+    return subprocess.Popen([sys.executable, str(GUARDIAN), str(os.getpid()), *command], env=env,
+                            start_new_session=True, **popen)  # type: ignore[arg-type]
+
+
+def server_pid(guardian: subprocess.Popen, timeout: float = 10) -> int | None:
+    """The server started by `guardian` (its first child), or None if it exited before one was seen."""
+    deadline = time.monotonic() + timeout
+    while guardian.poll() is None and time.monotonic() < deadline:
+        try:
+            children = Path(f"/proc/{guardian.pid}/task/{guardian.pid}/children").read_text().split()
+        except OSError:
+            children = []
+        if children:
+            return int(children[0])
+        time.sleep(0.01)
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> None:
-    """`tritonserver ARGS...`: the pytriton binary with our backend directory and loopback defaults."""
+    """`tritonserver ARGS...`: the pytriton binary with our backend directory and loopback defaults.
+
+    Runs it under the guardian and passes SIGTERM/SIGINT/SIGHUP on (a second one kills it at once); when
+    the server exits, or this process is killed, the Python stubs go with it. Exits with the server's code.
+    """
     args = list(sys.argv[1:] if argv is None else argv)
     try:
         command, env = server_command(args)
-    except TritonNotInstalled as exc:
+        check_ports(command)
+    except UserError as exc:
         print(exc, file=sys.stderr)
         sys.exit(2)
-    log.debug("exec %s", " ".join(command))
-    os.execve(command[0], command, env)
+    log.debug("running %s", " ".join(command))
+    guardian = spawn(command, env)
+    received: list[int] = []
+
+    def forward(signum: int, _frame: object) -> None:
+        received.append(signum)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(guardian.pid, signal.SIGTERM)  # the guardian stops the server; twice kills it
+
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, forward)
+    sys.exit(guardian.wait())
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def free_loopback_ports(count: int) -> list[int]:
@@ -247,7 +348,9 @@ class TritonServer:
 
     def __init__(self, repository: Path, *, http_port: int | None = None, grpc_port: int | None = None,
                  metrics_port: int | None = None, log_path: Path | None = None, startup_timeout: float = 120,
-                 extra_args: Sequence[str] = ()) -> None:
+                 extra_args: Sequence[str] = (), on_spawn: Callable[[int], None] | None = None) -> None:
+        """`on_spawn(pid)` is called as soon as the process exists, before any model loads (promotion
+        records the PID there, so a later run can end a server whose starter was killed)."""
         self.repository = Path(repository)
         free = iter(free_loopback_ports(3))
         self.http_port = http_port or next(free)
@@ -258,12 +361,20 @@ class TritonServer:
         self._own_log = log_path is None
         self.log_path: Path | None = Path(log_path) if log_path else None  # a temp file from start() on
         self._log_cache: str | None = None
-        self._process: subprocess.Popen | None = None
+        self._process: subprocess.Popen | None = None  # the guardian (rsseg/serving/guardian.py)
+        self._server_pid: int | None = None
         self._stopped = False
+        self._on_spawn = on_spawn
         self.startup_seconds: float | None = None
 
     @property
     def pid(self) -> int | None:
+        """The tritonserver process (a child of its guardian)."""
+        return self._server_pid
+
+    @property
+    def group(self) -> int | None:
+        """The process group of the guardian, the server and its stubs."""
         return self._process.pid if self._process else None
 
     @property
@@ -291,6 +402,7 @@ class TritonServer:
         if self._process is not None:
             raise TritonServerError("server already started")
         command, env = server_command(self.args())
+        check_ports(command)
         if self.log_path is None:
             fd, name = tempfile.mkstemp(prefix="tritonserver-", suffix=".log")
             os.close(fd)
@@ -298,10 +410,12 @@ class TritonServer:
         log.info("starting %s (log: %s)", " ".join(command), self.log_path)
         started = time.monotonic()
         with open(self.log_path, "wb") as log_file:
-            # Own session: stop() can kill the stub processes with the server if it must use SIGKILL.
-            self._process = subprocess.Popen(command, env=env, stdin=subprocess.DEVNULL, stdout=log_file,
-                                             stderr=subprocess.STDOUT, start_new_session=True)
+            # Own process group: stop() ends the stubs with the server; it dies with this process.
+            self._process = spawn(command, env, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT)
         try:
+            if self._on_spawn is not None:
+                self._on_spawn(self._process.pid)
+            self._server_pid = server_pid(self._process)
             self._wait_ready(started)
         except BaseException:
             self.stop()
@@ -357,15 +471,16 @@ class TritonServer:
 
     def stop(self, grace: float = 20, *, kill: bool = False) -> int | None:
         """SIGTERM (Triton unloads models and stops its stubs), SIGKILL to the whole group after `grace` s;
-        `kill=True` sends SIGKILL at once, as a crash would. Returns the exit code; safe to call twice."""
+        `kill=True` sends SIGKILL to the group at once, as a crash would. Returns the exit code (128 + N
+        when the server died of signal N); safe to call twice."""
         process = self._process
         if process is None:
             return None
         if self._stopped:
             return process.returncode
-        regions = _stub_shm_regions(process.pid)
+        regions = _stub_shm_regions(self._server_pid) if self._server_pid else []
         if kill:
-            self._kill_group(process.pid)
+            _kill_group(process.pid)
             process.wait()
         if process.poll() is None:
             process.send_signal(signal.SIGTERM)
@@ -373,10 +488,10 @@ class TritonServer:
                 process.wait(grace)
             except subprocess.TimeoutExpired:
                 log.warning("tritonserver %d ignored SIGTERM for %.0f s; killing it", process.pid, grace)
-                self._kill_group(process.pid)
+                _kill_group(process.pid)
                 process.wait()
-        # Stubs orphaned by a crash would otherwise linger with their shared memory.
-        self._kill_group(process.pid)
+        # Whatever is left of the group (a guardian killed with it leaves nobody to reap the stubs).
+        _kill_group(process.pid)
         # After a kill or an expired exit timeout Triton leaves the stubs' regions in /dev/shm.
         for name in regions:
             try:
@@ -388,13 +503,6 @@ class TritonServer:
             self._log_cache = self.log_text()
             self.log_path.unlink(missing_ok=True)
         return process.returncode
-
-    @staticmethod
-    def _kill_group(pgid: int) -> None:
-        try:
-            os.killpg(pgid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
 
     def __enter__(self) -> TritonServer:
         return self.start()
