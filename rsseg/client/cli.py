@@ -1,30 +1,45 @@
 """`python clients/segment.py`: segment scenes through a Triton server, one scene after another.
 
-Each scene is checked against the served model spec first (bands, dtype), then streamed window by
+Each scene is checked against the served model spec first (bands, dtype, task), then streamed window by
 window (rsseg.client.scene). A scene that fails leaves no output and the run goes on; the exit code is
 non-zero at the end, listing what failed. Outputs that are complete are skipped unless --overwrite.
+
+Outputs mirror the inputs' paths below the deepest folder they share (`a/x.tif b/x.tif --out o` writes
+o/a/x.* and o/b/x.*; scenes of one folder give flat names). The --out folder is the client's own (a
+marker file, rsseg.outputs): a folder holding anything else is refused before anything is written, and
+--overwrite redoes only the client's own earlier outputs there. SIGTERM/SIGINT stop the run cleanly
+(exit 143/130, no temp file left); temp files of a client killed outright are removed by the next run.
 """
 
 from __future__ import annotations
 
 import argparse
 import glob
+import json
 import logging
+import os
 import sys
-import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import rasterio
 from rasterio.errors import RasterioError
 
-from rsseg.client.scene import MODES, segment_scene
+from rsseg.client.leftovers import remove_stale_temps
+from rsseg.client.scene import MODES, gdal_cause, segment_scene
 from rsseg.client.triton import SHARED_MEMORY, TritonSegmenter
+from rsseg.client.writer import temp_path
 from rsseg.data.raster import IMAGE_SUFFIXES, raster_info
 from rsseg.errors import DataError, UserError
+from rsseg.outputs import OWNER_FILE, claim_output_dir
 from rsseg.serving.triton_models.heads import TTA_MODES
+from rsseg.signals import Interrupted, exit_on_signals
 
 log = logging.getLogger(__name__)
 
+COMMAND = "segment"  # the owner named in the --out folder's marker
 EXIT_FAILED_SCENES = 1
 EXIT_USAGE = 2
 # GDAL's block cache defaults to 5 % of the machine's RAM and fills up on big scenes; the client reads
@@ -32,13 +47,30 @@ EXIT_USAGE = 2
 GDAL_CACHE_MB = 128
 
 
+@dataclass(frozen=True)
+class Job:
+    """One scene, or one change pair (before, after), and its outputs' path below --out, without suffix."""
+
+    inputs: tuple[Path, ...]
+    name: Path
+
+    @property
+    def label(self) -> str:
+        return " + ".join(str(p) for p in self.inputs)
+
+    def output(self, out: Path, kind: str) -> Path:
+        return out / self.name.parent / f"{self.name.name}.{kind}"
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python clients/segment.py", description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("scenes", nargs="*", help="raster files, folders or glob patterns")
-    p.add_argument("--before", help="change detection: the earlier scene")
-    p.add_argument("--after", help="change detection: the later scene (same grid as --before)")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("scenes", nargs="*", help="raster files, folders or glob patterns; outputs mirror their paths "
+                   "below the deepest folder they share")
+    p.add_argument("--before", help="change detection: the earlier scene, or a folder of them (searched "
+                   "recursively, paired with --after's files by path without suffix)")
+    p.add_argument("--after", help="change detection: the later scene (same grid as --before), or a folder")
+    p.add_argument("--out", required=True, help="output folder: new, empty, or an earlier output of this client")
     p.add_argument("--url", action="append", help="Triton gRPC/HTTP address; repeat to spread tiles over servers "
                    "(default 127.0.0.1:8001, or :8000 with --protocol http)")
     p.add_argument("--model", help="served ensemble (default: the one model served)")
@@ -56,11 +88,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--batch", type=int, default=4, help="tiles per request")
     p.add_argument("--max-in-flight", type=int, default=4, help="requests outstanding at once")
     p.add_argument("--retries", type=int, default=3)
-    p.add_argument("--overwrite", action="store_true", help="redo scenes whose output is complete")
+    p.add_argument("--overwrite", action="store_true", help="redo scenes whose output (in --out, from this "
+                   "client) is complete")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     if bool(args.before) != bool(args.after):
         p.error("--before and --after go together")
+    if args.scenes and args.before:
+        p.error("give scenes, or --before and --after, not both")
     if not args.scenes and not args.before:
         p.error("give scenes, or --before and --after")
     return args
@@ -69,59 +104,150 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    # GDAL's errors reach the client as exceptions, reported in one line with their cause; rasterio's
+    # INFO echo of each ("GDAL signalled an error") would only be a stray line before it.
+    logging.getLogger("rasterio").setLevel(logging.WARNING)
     args = parse_args(argv)
+    with exit_on_signals():
+        try:
+            return run(args)
+        except Interrupted as exc:
+            print(f"error: {exc}; the scene in progress left no file, finished outputs in {args.out} are kept",
+                  file=sys.stderr)
+            return exc.exit_code
+
+
+def run(args: argparse.Namespace) -> int:
     urls = args.url or [f"127.0.0.1:{8001 if args.protocol == 'grpc' else 8000}"]
     out = Path(args.out)
+    created = _missing_folders(out)
+    claimed = False
     try:
-        jobs = change_jobs(args) if args.before else [(Path(s), None) for s in expand_scenes(args.scenes)]
-        segmenter = TritonSegmenter(urls, args.model, protocol=args.protocol, max_in_flight=args.max_in_flight,
-                                    retries=args.retries, tta=args.tta, shared_memory=args.shared_memory)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_USAGE
-    out.mkdir(parents=True, exist_ok=True)
-    failed: list[str] = []
-    with segmenter, rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
-        bands = [int(b) for b in args.bands.split(",")] if args.bands else segmenter.spec.dataset.bands
-        for scene, after in jobs:
-            name = scene.stem if after is None else f"{scene.stem}_{after.stem}"
-            target = out / f"{name}.classes.tif"
-            summary = out / f"{name}.json"
-            probabilities = out / f"{name}.probabilities.tif" if args.probabilities else None
-            complete = target.exists() and summary.exists() and (probabilities is None or probabilities.exists())
-            if complete and not args.overwrite:
-                log.info("%s: complete output in %s, skipped (--overwrite to redo)", scene, target)
-                continue
+        try:
+            jobs, problems = plan_jobs(args, out)
+            claim_output_dir(out, COMMAND)
+            claimed = True
+            segmenter = TritonSegmenter(urls, args.model, protocol=args.protocol, max_in_flight=args.max_in_flight,
+                                        retries=args.retries, tta=args.tta, shared_memory=args.shared_memory)
+        except UserError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        with segmenter, rasterio.Env(GDAL_CACHEMAX=GDAL_CACHE_MB):
             try:
-                with tempfile.TemporaryDirectory(prefix="rsseg-pair-") as tmp:
-                    source = scene if after is None else stack_pair(scene, after, bands, Path(tmp) / "pair.vrt")
-                    check_scene(source, segmenter, bands if after is None else None)
-                    segment_scene(
-                        source, target, predictor(segmenter, args.mode, args.probabilities), segmenter.spec,
-                        mode=args.mode,
-                        margin=args.margin, tile=args.tile,
-                        bands=bands if after is None else list(range(1, 2 * len(bands) + 1)),
-                        nodata=args.nodata, batch=min(args.batch, segmenter.max_batch_size),
-                        progress=not args.no_progress, in_flight=args.max_in_flight,
-                        summary_path=summary, preview_path=out / f"{name}.preview.png",
-                        probabilities_path=probabilities,
-                    )
+                check_task(jobs, segmenter)
             except UserError as exc:
                 print(f"error: {exc}", file=sys.stderr)
-                failed.append(str(scene))
-            except RasterioError as exc:  # a file that opens but breaks while read (truncated, corrupt blocks)
-                print(f"error: {scene}: cannot read ({_first_line(exc)}); check or re-download the file",
-                      file=sys.stderr)
-                failed.append(str(scene))
+                return EXIT_USAGE
+            remove_stale_temps(out)  # of clients killed while writing here
+            failed = [label for label, _ in problems]
+            for _, message in problems:
+                print(f"error: {message}", file=sys.stderr)
+            for job in jobs:
+                if not run_job(job, out, args, segmenter):
+                    failed.append(job.label)
+    finally:
+        if claimed:
+            remove_stale_temps(out, own=True)  # whatever a clean-up missed (a signal between two lines)
+        _remove_unused(out, created)
     log.info("peak resident memory of this client: %.0f MB", peak_rss_mb())
     if failed:
-        print(f"error: {len(failed)} of {len(jobs)} scene(s) failed: {', '.join(failed)}", file=sys.stderr)
+        print(f"error: {len(failed)} of {len(jobs) + len(problems)} scene(s) failed: {', '.join(failed)}",
+              file=sys.stderr)
         return EXIT_FAILED_SCENES
     return 0
 
 
-def _first_line(exc: BaseException) -> str:
-    return (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+def run_job(job: Job, out: Path, args: argparse.Namespace, segmenter: TritonSegmenter) -> bool:
+    """Segment one scene or pair into its outputs (or skip it when complete); False when it failed, after
+    one line naming the file and what to do."""
+    try:
+        if needs_run(job, out, args.overwrite, args.probabilities):
+            segment_job(job, out, args, segmenter)
+        return True
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+    except RasterioError as exc:  # a file that opens but breaks while read (truncated, corrupt blocks)
+        print(f"error: {job.label}: cannot read ({gdal_cause(exc)}); check or re-download the file",
+              file=sys.stderr)
+    except OSError as exc:  # writing: disk full, a file where an output folder should be
+        print(f"error: {job.label}: cannot write its output under {out} ({exc.strerror or exc}); free space "
+              "or give another --out", file=sys.stderr)
+    return False
+
+
+def needs_run(job: Job, out: Path, overwrite: bool, probabilities: bool) -> bool:
+    """False for a complete output of this very scene (unless overwrite); an output of the same name
+    made from another scene (an earlier run) is never replaced: it raises."""
+    target, summary = job.output(out, "classes.tif"), job.output(out, "json")
+    if not (target.exists() and summary.exists() and (not probabilities or job.output(out, "probabilities.tif")
+                                                       .exists())):
+        return True
+    try:
+        previous = json.loads(summary.read_text()).get("inputs")
+    except (OSError, ValueError, AttributeError):
+        return True  # an unreadable summary: the output is not complete after all
+    ours = [os.path.abspath(p) for p in job.inputs]
+    if previous and previous != ours:
+        raise DataError(f"{target}: holds the output of {' + '.join(previous)}, not of {job.label}; remove it or "
+                        "give another --out")
+    if overwrite:
+        return True
+    log.info("%s: complete output in %s, skipped (--overwrite to redo)", job.label, target)
+    return False
+
+
+def segment_job(job: Job, out: Path, args: argparse.Namespace, segmenter: TritonSegmenter) -> None:
+    bands = [int(b) for b in args.bands.split(",")] if args.bands else segmenter.spec.dataset.bands
+    pair = len(job.inputs) == 2
+    with _source(job, out, bands) as source:
+        check_scene(source, segmenter, None if pair else bands)
+        segment_scene(
+            source, job.output(out, "classes.tif"), predictor(segmenter, args.mode, args.probabilities),
+            segmenter.spec, mode=args.mode, margin=args.margin, tile=args.tile,
+            bands=list(range(1, 2 * len(bands) + 1)) if pair else bands,
+            nodata=args.nodata, batch=min(args.batch, segmenter.max_batch_size),
+            progress=not args.no_progress, in_flight=args.max_in_flight,
+            summary_path=job.output(out, "json"), preview_path=job.output(out, "preview.png"),
+            probabilities_path=job.output(out, "probabilities.tif") if args.probabilities else None,
+            inputs=job.inputs,
+        )
+
+
+@contextmanager
+def _source(job: Job, out: Path, bands: list[int]) -> Iterator[Path]:
+    """The raster to segment: the scene, or a pair's stacked VRT (a temp file beside the outputs)."""
+    if len(job.inputs) == 1:
+        yield job.inputs[0]
+        return
+    vrt = temp_path(job.output(out, "vrt"), "pair")
+    vrt.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        yield stack_pair(*job.inputs, bands, vrt)
+    finally:
+        vrt.unlink(missing_ok=True)
+
+
+def _missing_folders(out: Path) -> list[Path]:
+    """The folders that creating `out` would create, deepest first."""
+    missing = []
+    path = Path(os.path.abspath(out))
+    while not path.exists() and not path.is_symlink() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    return missing
+
+
+def _remove_unused(out: Path, created: list[Path]) -> None:
+    """Remove the folders this run created when it wrote nothing in them but the marker."""
+    if not created:
+        return
+    try:
+        if {p.name for p in out.iterdir()} <= {OWNER_FILE}:
+            (out / OWNER_FILE).unlink(missing_ok=True)
+            for folder in created:
+                folder.rmdir()
+    except OSError:
+        pass  # not empty (another client writes there too), or gone: leave it
 
 
 def peak_rss_mb() -> float:
@@ -153,9 +279,9 @@ def expand_scenes(patterns: list[str]) -> list[Path]:
     for pattern in patterns:
         path = Path(pattern)
         if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(p for p in path.iterdir() if _is_raster_name(p))
         elif any(c in pattern for c in "*?["):
-            found = sorted(Path(p) for p in glob.glob(pattern) if Path(p).suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(Path(p) for p in glob.glob(pattern) if _is_raster_name(Path(p)))
         else:
             found = [path]
         if not found:
@@ -164,8 +290,92 @@ def expand_scenes(patterns: list[str]) -> list[Path]:
     return scenes
 
 
-def change_jobs(args: argparse.Namespace) -> list[tuple[Path, Path | None]]:
-    return [(Path(args.before), Path(args.after))]
+def _is_raster_name(path: Path) -> bool:
+    """A raster suffix, not hidden (temp files), not a folder (a folder named 99.png is not an image)."""
+    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") and not path.is_dir()
+
+
+def plan_jobs(args: argparse.Namespace, out: Path) -> tuple[list[Job], list[tuple[str, str]]]:
+    """The jobs of this run, and (file, one-line message) for files that cannot make one (a change
+    folder's file without a partner): those count as failed scenes."""
+    if not args.before:
+        return scene_jobs(expand_scenes(args.scenes)), []
+    before, after = Path(args.before), Path(args.after)
+    if before.is_dir() and after.is_dir():
+        return pair_folder_jobs(before, after, out)
+    if before.is_dir() or after.is_dir():
+        folder, other = (before, after) if before.is_dir() else (after, before)
+        raise DataError(f"{folder} is a folder but {other} is not; give --before and --after two files or two "
+                        "folders")
+    return [Job((before, after), Path(f"{before.stem}_{after.stem}"))], []
+
+
+def scene_jobs(scenes: list[Path]) -> list[Job]:
+    """One job per distinct scene, named by its path below the deepest folder all scenes share."""
+    unique: dict[str, Path] = {}
+    for scene in scenes:
+        key = os.path.abspath(scene)
+        if key in unique:
+            log.info("%s: given more than once, segmented once", scene)
+        else:
+            unique[key] = scene
+    if not unique:
+        return []
+    # abspath, not resolve: a symlinked folder keeps the name the user sees
+    common = os.path.commonpath([os.path.dirname(k) for k in unique])
+    jobs, owners = [], {}
+    for key, scene in unique.items():
+        name = Path(os.path.relpath(key, common)).with_suffix("")
+        if name in owners:
+            raise DataError(f"{owners[name]} and {scene} would both write {name}.*; rename one, or segment them "
+                            "into different --out folders")
+        owners[name] = scene
+        jobs.append(Job((scene,), name))
+    return jobs
+
+
+def pair_folder_jobs(before: Path, after: Path, out: Path) -> tuple[list[Job], list[tuple[str, str]]]:
+    """Change pairs of two folders, matched by path below them without suffix (sub/x.tif with
+    sub/x.png); files without a partner, or with two, are listed as problems."""
+    found, problems = [], []
+    for folder in (before, after):
+        rasters, dupes = _rasters_by_key(folder, out)
+        found.append(rasters)
+        problems += [(str(folder / key), f"{folder / key}: {len(paths)} files ({', '.join(p.name for p in paths)}) "
+                      "have this name; keep one") for key, paths in dupes.items()]
+    (b, a), keys = found, sorted(found[0].keys() & found[1].keys())
+    for mine, theirs, other in ((b, a, after), (a, b, before)):
+        problems += [(str(mine[k]), f"{mine[k]}: no {k}.* in {other} to pair it with; add its partner or move "
+                      "it out") for k in sorted(mine.keys() - theirs.keys())]
+    if not keys and not problems:
+        raise DataError(f"{before} and {after}: no raster found; give folders of GeoTIFF/PNG/JPEG files")
+    return [Job((b[k], a[k]), Path(k)) for k in keys], problems
+
+
+def _rasters_by_key(folder: Path, out: Path) -> tuple[dict[str, Path], dict[str, list[Path]]]:
+    """Rasters under `folder` by path without suffix (outputs under `out` excluded), and names held by
+    several files."""
+    by_key: dict[str, list[Path]] = {}
+    skip = os.path.abspath(out) + os.sep
+    for path in sorted(folder.rglob("*")):
+        if _is_raster_name(path) and not (os.path.abspath(path) + os.sep).startswith(skip):
+            by_key.setdefault(path.relative_to(folder).with_suffix("").as_posix(), []).append(path)
+    return ({k: v[0] for k, v in by_key.items() if len(v) == 1},
+            {k: v for k, v in by_key.items() if len(v) > 1})
+
+
+def check_task(jobs: list[Job], segmenter: TritonSegmenter) -> None:
+    """Refuse, before any tile is sent, scenes for a change model or pairs for a single-date one."""
+    task = segmenter.spec.dataset.task
+    wrong = [j for j in jobs if (len(j.inputs) == 2) != (task == "change")]
+    if not wrong:
+        return
+    files = ", ".join(j.label for j in wrong[:3]) + (f" and {len(wrong) - 3} more" if len(wrong) > 3 else "")
+    if task == "change":
+        raise DataError(f"{files}: {segmenter.model} is a change model (task change: two dates stacked); give "
+                        "each pair with --before and --after")
+    raise DataError(f"{files}: a change pair, but {segmenter.model} serves task {task} (one scene at a time); "
+                    "give the scenes without --before/--after, or a change model with --model")
 
 
 def check_scene(path: Path, segmenter: TritonSegmenter, bands: list[int] | None) -> None:
@@ -181,12 +391,25 @@ def check_scene(path: Path, segmenter: TritonSegmenter, bands: list[int] | None)
                         "convert the scene (e.g. gdal_translate -ot) or serve a model trained on this dtype")
 
 
+def grid_differences(a: rasterio.DatasetReader, b: rasterio.DatasetReader) -> list[str]:
+    """What differs between two rasters' grids, each as "what A vs B" (transforms in GDAL's order)."""
+    differences = []
+    if (a.width, a.height) != (b.width, b.height):
+        differences.append(f"size {a.width}x{a.height} vs {b.width}x{b.height}")
+    if a.crs != b.crs:
+        differences.append(f"CRS {a.crs.to_string() if a.crs else 'none'} vs {b.crs.to_string() if b.crs else 'none'}")
+    if a.transform != b.transform:
+        differences.append(f"transform {a.transform.to_gdal()} vs {b.transform.to_gdal()}")
+    return differences
+
+
 def stack_pair(before: Path, after: Path, bands: list[int], vrt: Path) -> Path:
     """A VRT whose bands are `bands` of `before` then of `after`: one raster, read by the same windows."""
     with rasterio.open(before) as a, rasterio.open(after) as b:
-        if (a.width, a.height) != (b.width, b.height) or a.crs != b.crs or a.transform != b.transform:
-            raise DataError(f"{before} and {after} are not on the same grid ({a.width}x{a.height} {a.crs} vs "
-                            f"{b.width}x{b.height} {b.crs}); reproject one onto the other first")
+        differences = grid_differences(a, b)
+        if differences:
+            raise DataError(f"{before} and {after} are not on the same grid ({'; '.join(differences)}); reproject "
+                            "one onto the other first")
         for path, src in ((before, a), (after, b)):
             if max(bands) > src.count:
                 raise DataError(f"{path}: has {src.count} band(s), needs {bands}; choose bands with --bands")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import sys
 import threading
 import time
@@ -55,6 +56,7 @@ from rsseg.spec import ModelSpec
 log = logging.getLogger(__name__)
 
 MODES = ("centre", "blend")
+ETA_EVERY_S = 60.0  # log lines with the time left: after the first row of windows, then this often
 # predict(tiles [N, H, W, C] raw, the spec's dtype) -> class maps [N, G, H, W] (centre) or probabilities
 # [N, K, H, W] (blend); a tuple is read as (class_maps, probabilities), like infer_tiles' answer.
 Predict = Callable[[np.ndarray], "np.ndarray | tuple[np.ndarray, ...]"]
@@ -83,11 +85,13 @@ class SceneSummary:
     windows: int
     windows_predicted: int
     windows_skipped: int  # all nodata: predict was not called for them
+    windows_unread: int  # of those, windows over blocks absent from the file (sparse): not even read
     predict_calls: int
     # read_s, predict_s (summed over calls: exceeds wall time when in_flight > 1), write_s (compression,
     # overviews), total_s (wall, preview and summary included)
     timings: dict[str, float] = field(default_factory=dict)
     probabilities: str | None = None  # the fp16 probability GeoTIFF, when asked for
+    inputs: list[str] = field(default_factory=list)  # absolute paths of the input file(s)
     preview: str | None = None
     summary: str | None = None
 
@@ -123,6 +127,7 @@ def segment_scene(
     summary_path: str | Path | None = None,
     preview_path: str | Path | None = None,
     probabilities_path: str | Path | None = None,
+    inputs: Sequence[str | Path] | None = None,
 ) -> SceneSummary:
     """Segment the raster at `src_path` into a class-map GeoTIFF at `out_path`.
 
@@ -148,6 +153,8 @@ def segment_scene(
         probabilities_path: also write per-class probabilities there (ProbabilityWriter: fp16, NaN for
             nodata). Centre mode: `predict` must then return (class_maps, probabilities); blend mode
             writes the blended probabilities. Costs K x 2 bytes per pixel of a row of windows in memory.
+        inputs: the files the scene was made of, for the summary (default `src_path`; a change pair's
+            two dates when `src_path` is their stacked VRT).
 
     Returns the SceneSummary. Outputs are written under temp names and renamed when complete: on any
     error (a failing predict included) no file is left at `out_path` (or `probabilities_path`).
@@ -161,7 +168,7 @@ def segment_scene(
     try:
         src = rasterio.open(src_path)
     except RasterioIOError as exc:
-        raise DataError(f"{src_path}: cannot read as a raster ({str(exc).splitlines()[0][:200]})") from None
+        raise DataError(f"{src_path}: cannot read as a raster ({gdal_cause(exc)})") from None
     with src:
         band_list = _check_bands(src, spec, bands)
         height, width, stride = src.height, src.width, int(spec.stride)
@@ -173,11 +180,13 @@ def segment_scene(
         if nodata is None:
             nodata = src.nodata if src.nodata is not None else spec.dataset.nodata
         plan = (plan_windows if mode == "centre" else plan_blend_windows)(height, width, tile, margin, stride)
-        reader = _WindowReader(src, band_list, nodata)
+        reader = _WindowReader(src, band_list, nodata, plan)
         run = _Run(predict, spec, tile, in_flight, mode, probabilities_path is not None)
-        log.info("segmenting %s (%dx%d, bands %s) in %s mode: tile %d, margin %d, %d windows",
-                 src_path, height, width, band_list, mode, tile, margin, len(plan))
-        bar = tqdm(total=len(plan), desc="segment", unit="tile", disable=not progress, file=sys.stderr)
+        to_read = len(plan) - len(reader.empty)
+        log.info("segmenting %s: %dx%d pixels (%.1f MPix), bands %s, %s mode, tile %d, margin %d: %d windows "
+                 "to read of %d (%d over blocks the file leaves empty)", src_path, width, height,
+                 width * height / 1e6, band_list, mode, tile, margin, to_read, len(plan), len(reader.empty))
+        bar = _Progress(src_path, len(plan), progress)
         try:
             geo = dict(height=height, width=width, crs=src.crs, transform=src.transform, spec=spec)
             probability_file = ProbabilityWriter(probabilities_path, **geo) if probabilities_path else nullcontext()
@@ -205,8 +214,9 @@ def segment_scene(
         pixel_area=pixel_area, area_unit=f"{_linear_unit(crs)}^2",
         heads=_head_counts(writer.counts, spec, pixel_area),
         windows=len(plan), windows_predicted=run.windows, windows_skipped=len(plan) - run.windows,
-        predict_calls=run.calls, timings=timings,
+        windows_unread=len(reader.empty), predict_calls=run.calls, timings=timings,
         probabilities=str(probabilities_path) if probabilities_path else None,
+        inputs=[os.path.abspath(p) for p in (inputs or [src_path])],
     )
     if preview_path is not None:
         summary.preview = str(write_preview(preview_path, out_path, spec))
@@ -228,8 +238,9 @@ def _check_bands(src: Any, spec: ModelSpec, bands: Sequence[int] | None) -> list
     if bad:
         raise ConfigError(f"{src.name}: band(s) {bad} do not exist; the file has bands 1..{src.count}")
     if len(band_list) != spec.in_channels:
-        raise ConfigError(f"{len(band_list)} bands {band_list} selected but the model takes {spec.in_channels} "
-                          "channels; pass bands= (change models: both dates' bands, stacked in one file)")
+        raise ConfigError(f"{src.name}: {len(band_list)} bands {band_list} selected but the model takes "
+                          f"{spec.in_channels} channels; pass bands= (change models: both dates' bands, stacked in "
+                          "one file)")
     dtypes = {src.dtypes[b - 1] for b in band_list}
     if dtypes != {spec.dataset.dtype}:
         raise DataError(f"{src.name}: bands {band_list} are {', '.join(sorted(dtypes))} but the model takes "
@@ -278,31 +289,101 @@ def _head_counts(counts: np.ndarray, spec: ModelSpec, area: float) -> dict[str, 
 
 
 class _WindowReader:
-    """Reads a planned window (reflect-padded past the bottom/right edge) and its validity mask."""
+    """Reads a planned window (reflect-padded past the bottom/right edge) and its validity mask.
 
-    def __init__(self, src: Any, bands: list[int], nodata: float | None) -> None:
+    Windows whose every block is absent from a GeoTIFF (sparse: no offset in the file, so GDAL returns
+    the nodata value, or 0) are known to be empty without reading a pixel when that fill value is the
+    nodata value: a 100000 x 100000 scene with a small patch of data costs only its patch. With a
+    mask and no such nodata, only the (one-byte) mask of those windows is read.
+    """
+
+    def __init__(self, src: Any, bands: list[int], nodata: float | None, plan: list[PlannedWindow]) -> None:
         self.src, self.bands, self.nodata = src, bands, nodata
         flags = [src.mask_flag_enums[b - 1] for b in bands]
         # An internal/sidecar mask or an alpha band marks missing pixels beside (or instead of) nodata.
         self.use_mask = any(MaskFlags.per_dataset in f or MaskFlags.alpha in f for f in flags)
         self.seconds = 0.0
+        self.fill = src.nodata if src.nodata is not None else 0  # what GDAL returns for an absent block
+        self.fill_is_nodata = nodata is not None and self.fill == nodata
+        self.empty: set[tuple[int, int]] = set()  # (grid_row, grid_col) of windows over absent blocks only
+        if plan and (self.fill_is_nodata or self.use_mask) and src.driver == "GTiff":
+            absent = [(src.block_shapes[b - 1], _absent_blocks(src, b)) for b in self._distinct_block_bands()]
+            self.empty = {(w.grid_row, w.grid_col) for w in plan if self._over(absent, w)}
+        self._nothing = np.zeros((plan[0].size,) * 2, dtype=bool) if plan else None
 
-    def read(self, w: PlannedWindow) -> tuple[np.ndarray, np.ndarray]:
-        t0 = time.perf_counter()
+    def _distinct_block_bands(self) -> list[int]:
+        """Bands whose blocks lie apart: all of them when band-interleaved, else one (pixel-interleaved
+        blocks hold every band)."""
+        interleave = self.src.interleaving.name if self.src.interleaving else "BAND"
+        return list(self.bands) if interleave == "BAND" and len(self.bands) > 1 else self.bands[:1]
+
+    def _region(self, w: PlannedWindow) -> tuple[RioWindow, tuple[np.ndarray, np.ndarray] | None]:
+        """The file window a planned window reads, and the index that reflects it into the tile (None
+        when the window lies inside the scene: nothing to reflect)."""
+        if not (w.pad_bottom or w.pad_right):
+            return RioWindow(w.col, w.row, w.size, w.size), None
         rows = reflect_index(np.arange(w.row, w.row + w.size), self.src.height)
         cols = reflect_index(np.arange(w.col, w.col + w.size), self.src.width)
         r0, c0 = int(rows.min()), int(cols.min())
         rio = RioWindow(c0, r0, int(cols.max()) - c0 + 1, int(rows.max()) - r0 + 1)
-        index = np.ix_(rows - r0, cols - c0)
+        return rio, np.ix_(rows - r0, cols - c0)
+
+    def _over(self, absent: list[tuple[tuple[int, int], np.ndarray]], w: PlannedWindow) -> bool:
+        """Whether every block the window reads is absent, in every band."""
+        rio, _ = self._region(w)
+        r0, c0 = int(rio.row_off), int(rio.col_off)
+        r1, c1 = r0 + int(rio.height) - 1, c0 + int(rio.width) - 1
+        return all(blocks[r0 // bh:r1 // bh + 1, c0 // bw:c1 // bw + 1].all() for (bh, bw), blocks in absent)
+
+    def read(self, w: PlannedWindow) -> tuple[np.ndarray | None, np.ndarray]:
+        """(tile, valid); tile is None when no pixel is valid and the pixels were not read."""
+        t0 = time.perf_counter()
+        rio, index = self._region(w)
+        if (w.grid_row, w.grid_col) in self.empty:
+            if self.fill_is_nodata:
+                return None, self._nothing
+            valid = _reflect(self.src.read_masks(self.bands[0], window=rio), index) > 0
+            tile = np.full((w.size, w.size, len(self.bands)), self.fill, dtype=self.src.dtypes[self.bands[0] - 1])
+            self.seconds += time.perf_counter() - t0
+            return (tile if valid.any() else None), valid
         data = self.src.read(self.bands, window=rio)
-        tile = np.ascontiguousarray(np.moveaxis(data, 0, -1)[index])
+        tile = np.ascontiguousarray(_reflect(np.moveaxis(data, 0, -1), index))
         valid = np.ones(tile.shape[:2], dtype=bool)
         if self.nodata is not None:
             valid &= ~np.all(tile == self.nodata, axis=-1)
         if self.use_mask:
-            valid &= self.src.read_masks(self.bands[0], window=rio)[index] > 0
+            valid &= _reflect(self.src.read_masks(self.bands[0], window=rio), index) > 0
         self.seconds += time.perf_counter() - t0
         return tile, valid
+
+
+def _reflect(array: np.ndarray, index: tuple[np.ndarray, np.ndarray] | None) -> np.ndarray:
+    return array if index is None else array[index]
+
+
+def _absent_blocks(src: Any, band: int) -> np.ndarray:
+    """[block rows, block cols] True where the GeoTIFF has no data for the block (offset 0 or none):
+    GDAL's TIFF metadata, about a microsecond per block, no pixel read."""
+    bh, bw = src.block_shapes[band - 1]
+    rows, cols = -(-src.height // bh), -(-src.width // bw)
+    absent = np.empty((rows, cols), dtype=bool)
+    for i in range(rows):
+        for j in range(cols):
+            absent[i, j] = src.get_tag_item(f"BLOCK_OFFSET_{j}_{i}", "TIFF", bidx=band) in (None, "0")
+    return absent
+
+
+def gdal_cause(exc: BaseException) -> str:
+    """The innermost GDAL message behind a rasterio error (the real cause, e.g. "TIFFFillTile: Read error
+    at row 512 ... got 79995 bytes, expected 196625"), rather than "Read failed. See previous exception"."""
+    messages, seen, current = [], set(), exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current).strip()
+        if text and "see previous exception" not in text.lower():
+            messages.append(text.splitlines()[0])
+        current = current.__cause__ or current.__context__
+    return (messages[-1] if messages else type(exc).__name__)[:300]
 
 
 def _rows(plan: list[PlannedWindow]) -> list[list[PlannedWindow]]:
@@ -406,10 +487,49 @@ class _Run:
 # ------------------------------------------------------------------------------------------------ stitching
 
 
+class _Progress:
+    """The progress bar (windows, MPix/s) and, for runs watched through their log, lines with the rate so
+    far and the time left: after the first row of windows, then every ETA_EVERY_S."""
+
+    def __init__(self, name: str | Path, total: int, enabled: bool) -> None:
+        self.bar = tqdm(total=total, desc="segment", unit="tile", disable=not enabled, file=sys.stderr)
+        self.name, self.total = name, total
+        self.done = self.read = 0  # windows handled / read from the file (not those over absent blocks)
+        self.start = time.perf_counter()
+        self.logged: float | None = None
+
+    def update(self, read: bool) -> None:
+        self.done += 1
+        self.read += read
+        self.bar.update(1)
+
+    def set_postfix_str(self, text: str, refresh: bool = False) -> None:
+        self.bar.set_postfix_str(text, refresh=refresh)
+
+    def row_read(self, rows_left: int) -> None:
+        now = time.perf_counter()
+        if not rows_left or (self.logged is not None and now - self.logged < ETA_EVERY_S):
+            return
+        self.logged = now
+        rate = self.done / max(now - self.start, 1e-9)
+        log.info("%s: %d of %d windows in %.0f s (%.1f windows/s, %d read); ETA %s", self.name, self.done,
+                 self.total, now - self.start, rate, self.read, _duration((self.total - self.done) / rate))
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    if seconds >= 3600:
+        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
 class _Output:
     """Where finished rows go: the class-map writer, the probability writer if any, the progress bar."""
 
-    def __init__(self, maps: ClassMapWriter, probabilities: ProbabilityWriter | None, bar: tqdm) -> None:
+    def __init__(self, maps: ClassMapWriter, probabilities: ProbabilityWriter | None, bar: _Progress) -> None:
         self.maps, self.probabilities, self.bar = maps, probabilities, bar
         self.start = time.perf_counter()
         self.pixels = 0
@@ -477,7 +597,7 @@ class _BlendStitcher:
             self.output.write(top, maps, lambda: probabilities)
 
 
-def _stream(rows: list[list[PlannedWindow]], reader: _WindowReader, run: _Run, batch: int, bar: tqdm,
+def _stream(rows: list[list[PlannedWindow]], reader: _WindowReader, run: _Run, batch: int, bar: _Progress,
             stitcher: _CentreStitcher | _BlendStitcher) -> None:
     """Read windows row after row and send those with valid pixels to predict in batches. Batches run
     across row boundaries, so requests keep flowing while a row is finished; a row is finished (stitched
@@ -505,15 +625,21 @@ def _stream(rows: list[list[PlannedWindow]], reader: _WindowReader, run: _Run, b
         for w in row:
             tile, valid = reader.read(w)
             stitcher.set_valid(w, valid)
-            if not stitcher.skip(w, valid):
+            if tile is not None and not stitcher.skip(w, valid):
                 windows.append(w)
                 tiles.append(tile)
                 outstanding[i] += 1
             if len(windows) == batch:
                 run.submit(windows, tiles, done)
                 windows, tiles = [], []
-            bar.update(1)
+            bar.update((w.grid_row, w.grid_col) not in reader.empty)
+        if windows and windows[0].grid_row < i:
+            # A part-filled batch from an earlier row (sparse data) holds that row and every row read
+            # since in memory: send it rather than wait for it to fill.
+            run.submit(windows, tiles, done)
+            windows, tiles = [], []
         read = i + 1
+        bar.row_read(len(rows) - read)
         finish_ready()  # rows whose windows were all skipped, or all delivered already
     run.submit(windows, tiles, done)
     run.drain()

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from rsseg.client.leftovers import remove_stale_shared_memory
 from rsseg.errors import UserError
 from rsseg.serving.repository import OUTPUT_TYPES
 from rsseg.serving.repository import TRITON_DTYPES as CONFIG_DTYPES
@@ -74,6 +75,9 @@ class TritonSegmenter:
         self._next = itertools.count()
         self._free: queue.SimpleQueue[_Slot] = queue.SimpleQueue()
         self._slots: list[_Slot] = []
+        self._shm_prefix = f"rsseg-{os.getpid()}-{id(self):x}-"
+        if shared_memory == "system":
+            remove_stale_shared_memory()  # regions of clients that were killed
         try:
             for i in range(max(1, max_in_flight)):
                 slot = _Slot([self._connect(url) for url in self.urls],
@@ -90,6 +94,8 @@ class TritonSegmenter:
                 slot.shm.close(slot.clients)
             for client in slot.clients:
                 client.close()
+        if any(slot.shm is not None for slot in self._slots):
+            remove_stale_shared_memory(self._shm_prefix)  # one created when a stop signal cut in
         self._slots = []
 
     def __enter__(self) -> TritonSegmenter:
@@ -196,7 +202,7 @@ class _SharedMemory:
 
     def __init__(self, owner: TritonSegmenter, index: int) -> None:
         self.owner = owner
-        self.prefix = f"rsseg-{os.getpid()}-{id(owner):x}-{index}"
+        self.prefix = f"{owner._shm_prefix}{index}"  # names rsseg.client.leftovers recognises
         self.regions: dict[str, tuple[Any, int]] = {}  # "input"/"output" -> (handle, byte size)
 
     def _region(self, clients: list[Any], kind: str, nbytes: int) -> tuple[str, Any]:

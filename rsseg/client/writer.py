@@ -61,8 +61,10 @@ def block_size(height: int, width: int) -> int:
     return 512 if min(height, width) >= 2048 else 256
 
 
-def _temp_path(path: Path, kind: str = "tmp") -> Path:
-    # Same folder (rename stays atomic), a suffix GDAL drivers recognise, hidden from globbing *.tif
+def temp_path(path: Path, kind: str = "tmp") -> Path:
+    """Where `path` is written before its rename: the same folder (the rename stays atomic), hidden from
+    globbing *.tif, a suffix GDAL drivers recognise, and this process's id (rsseg.client.leftovers
+    removes the files of processes that are gone)."""
     return path.with_name(f".{path.stem}.{kind}-{os.getpid()}{path.suffix}")
 
 
@@ -85,9 +87,12 @@ class _RowStreamWriter:
             "driver": "GTiff", "height": height, "width": width, "count": count, "dtype": dtype,
             "crs": crs, "transform": transform, "nodata": nodata, "tiled": True,
             "blockxsize": self.block, "blockysize": self.block, "compress": "deflate",
-            "interleave": "band", "BIGTIFF": "IF_SAFER", **creation,
+            "interleave": "band", "BIGTIFF": "IF_SAFER",
+            # blocks all nodata are left out of the file (GDAL reads them back as nodata): a 100000 x 100000
+            # scene with a small patch of data gives a map of a few hundred KB, written in seconds
+            "SPARSE_OK": True, **creation,
         }
-        self._tmp = _temp_path(self.path)
+        self._tmp = temp_path(self.path)
         self._dst: Any = None
         self._pending: list[np.ndarray] = []
         self._pending_rows = 0
@@ -97,13 +102,14 @@ class _RowStreamWriter:
 
     def __enter__(self):
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with warnings.catch_warnings():  # a scene without georeferencing gets a map without, as expected
-            warnings.simplefilter("ignore", NotGeoreferencedWarning)
-            self._dst = rasterio.open(self._tmp, "w", **self._profile)
-        try:
+        try:  # a stop signal may land anywhere in here: the temp file must not outlive it
+            with warnings.catch_warnings():  # a scene without georeferencing gets a map without, as expected
+                warnings.simplefilter("ignore", NotGeoreferencedWarning)
+                self._dst = rasterio.open(self._tmp, "w", **self._profile)
             self._describe(self._dst)
         except BaseException:
-            self._dst.close()
+            if self._dst is not None:
+                self._dst.close()
             self._tmp.unlink(missing_ok=True)
             raise
         return self
@@ -162,7 +168,7 @@ class _RowStreamWriter:
             if not self._dst.closed:
                 self._dst.close()
             self._tmp.unlink(missing_ok=True)
-            _temp_path(self.path, "cog").unlink(missing_ok=True)
+            temp_path(self.path, "cog").unlink(missing_ok=True)
             self._pending = []
 
     def _publish(self, tmp: Path) -> Path:
@@ -207,7 +213,10 @@ class ClassMapWriter(_RowStreamWriter):
 
     def _received_rows(self, rows: np.ndarray) -> None:
         for head in range(self.heads):
-            self.counts[head] += np.bincount(rows[head].ravel(), minlength=256)
+            if rows[head].min() == NODATA:  # all nodata (empty parts of big scenes): no histogram needed
+                self.counts[head, NODATA] += rows[head].size
+            else:
+                self.counts[head] += np.bincount(rows[head].ravel(), minlength=256)
 
     def _finish(self, dst: Any) -> None:
         factors = overview_factors(self.height, self.width)
@@ -219,9 +228,10 @@ class ClassMapWriter(_RowStreamWriter):
         """Rewritten by GDAL's COG driver (overviews first, then the blocks in order: readers over HTTP
         range requests fetch only what they show). It reuses the overviews built above and keeps the
         colour table and tags; one more pass over the compressed map (~0.5 s at 8192 x 8192)."""
-        cog = _temp_path(self.path, "cog")
+        cog = temp_path(self.path, "cog")
         rasterio.shutil.copy(tmp, cog, driver="COG", compress="DEFLATE", blocksize=self.block,
-                             overviews="FORCE_USE_EXISTING", overview_resampling="NEAREST", bigtiff="IF_SAFER")
+                             overviews="FORCE_USE_EXISTING", overview_resampling="NEAREST", bigtiff="IF_SAFER",
+                             sparse_ok=True)
         return cog
 
 
@@ -270,7 +280,7 @@ def write_preview(png_path: str | Path, class_map_path: str | Path, spec: ModelS
     alpha = np.where(small == NODATA, 0, 255).astype(np.uint8)
     rgba = np.concatenate([rgb, alpha[..., None]], axis=-1)
     png_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = _temp_path(png_path)
+    tmp = temp_path(png_path)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", NotGeoreferencedWarning)
