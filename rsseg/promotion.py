@@ -2,16 +2,18 @@
 
 Order matters: nothing a user relies on changes until every check has passed. The ONNX export is
 parity-checked against PyTorch, the new repository is built in a staging copy, loaded by a real Triton
-server and asked for one tile, and only then swapped in for `triton_repo/`; the aliases move last.
-A failure at any step leaves the repository and the aliases as they were.
+server and asked for one tile, and only then swapped in for `triton_repo/` in one atomic exchange
+(rsseg.serving.transaction); the aliases move last. A failure, a signal or a SIGKILL at any step
+leaves a repository that serves the old champion or the new one, never a mix. The registry follows
+the repository: every promotion and rollback first moves `champion`/`previous` to what the repository
+serves, so an interrupted one is made consistent by the next.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import shutil
-import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -19,19 +21,19 @@ from typing import Any
 
 import numpy as np
 
-from rsseg import tracking
+from rsseg import faults, tracking
 from rsseg.config import PromoteConfig
 from rsseg.data.transforms import normalize
 from rsseg.errors import ConfigError, ExportError, PromotionRefused
 from rsseg.export.onnx import assert_parity, check_parity, export_onnx, onnx_session
 from rsseg.serving.repository import (
     ServingOptions,
-    commit_staging,
     read_history,
     stage_promotion,
     stage_rollback,
     step_names,
 )
+from rsseg.serving.transaction import RepositoryChange
 from rsseg.spec import ModelSpec
 
 log = logging.getLogger(__name__)
@@ -86,78 +88,102 @@ def choose(config: PromoteConfig) -> tuple[Candidate, Candidate | None, str]:
 
 
 def promote(config: PromoteConfig) -> dict[str, Any]:
-    candidate, champion, reason = choose(config)
-    name, repo = config.model_name, Path(config.repo)
+    name = config.model_name
     options = ServingOptions(instance_kind=_instance_kind(config.instance_kind),
                              max_batch_size=config.max_batch_size, tta=config.tta)
-    log.info("promoting %s v%s: %s", name, candidate.version, reason)
-    model, spec = tracking.load_registered(name, candidate.version)
-    with tempfile.TemporaryDirectory(prefix="rsseg-promote-") as tmp:
-        onnx_path = export_onnx(model, spec, Path(tmp) / "model.onnx", opset=config.opset)
+    with RepositoryChange(config.repo) as change:
+        repo = change.repo
+        reconcile_aliases(name, repo)
+        candidate, champion, reason = choose(config)
+        log.info("promoting %s v%s: %s", name, candidate.version, reason)
+        model, spec = tracking.load_registered(name, candidate.version)
+        onnx_path = export_onnx(model, spec, change.work / "model.onnx", opset=config.opset)
+        faults.point("exported")
         parity = check_parity(model, onnx_path, spec, atol=config.atol)
         assert_parity(parity, config.atol, rtol=1e-5)  # float32 rounding grows with the logits
         log.info("ONNX parity: max |logit diff| %.2e over shapes %s, class maps equal", parity.max_abs_diff,
                  parity.shapes)
+        faults.point("parity-checked")
         record = {"mlflow_name": name, "mlflow_version": candidate.version, "metric": candidate.metric,
                   "value": candidate.value, "reason": reason, "parity": parity.to_dict()}
-        served = _stage_check_commit(
-            repo, lambda staging: stage_promotion(repo, staging, name, spec, onnx_path, options, record),
-            name, spec, onnx_path)
-    tracking.set_champion(name, candidate.version, champion.version if champion else None, {
-        "promoted_at": datetime.now(UTC).isoformat(timespec="seconds"),
-        "triton_version": str(served["triton_version"]),
-        "onnx_sha256": read_history(repo, name)["versions"][str(served["triton_version"])]["onnx_sha256"],
-    })
+        version = stage_promotion(repo, change.staging, name, spec, onnx_path, options, record)
+        served = {"triton_version": version, **_check_and_commit(change, name, spec, onnx_path)}
+        tracking.set_champion(name, candidate.version, champion.version if champion else None, {
+            "promoted_at": datetime.now(UTC).isoformat(timespec="seconds"),
+            "triton_version": str(version),
+            "onnx_sha256": read_history(repo, name)["versions"][str(version)]["onnx_sha256"],
+        })
+        faults.point("aliases-moved")
     summary = {"action": "promote", "model_name": name, "version": candidate.version, "metric": candidate.metric,
                "value": candidate.value, "previous_champion": champion.version if champion else None,
                "reason": reason, "parity": parity.to_dict(), "served_check": served, "repo": str(repo)}
     tracking.log_promotion(summary, repo / name / "history.json")
+    faults.point("logged")
     return summary
 
 
 def rollback(config: PromoteConfig) -> dict[str, Any]:
     """Serve the previously promoted version again and move the aliases back with it."""
-    name, repo = config.model_name, Path(config.repo)
-    history = read_history(repo, name)
-    if history["served"] is None:
-        raise ConfigError(f"{repo / name}: nothing promoted yet, so nothing to roll back")
-    previous = history["stack"][-2] if len(history["stack"]) >= 2 else None
-    if previous is None:
-        raise ConfigError(f"{repo / name}: no earlier version to roll back to")
-    spec_path = repo / step_names(name)["segmenter"] / str(previous) / "model_spec.json"
-    spec = ModelSpec.load(spec_path)
-    onnx_path = spec_path.with_name("model.onnx")
-    served = _stage_check_commit(repo, lambda staging: stage_rollback(repo, staging, name), name, spec, onnx_path)
-    restored = history["versions"][str(previous)]["mlflow_version"]
-    before = history["stack"][-3] if len(history["stack"]) >= 3 else None
-    tracking.set_champion(name, restored, history["versions"][str(before)]["mlflow_version"] if before else None,
-                          {"rolled_back_at": datetime.now(UTC).isoformat(timespec="seconds")})
+    name = config.model_name
+    with RepositoryChange(config.repo) as change:
+        repo = change.repo
+        reconcile_aliases(name, repo)
+        history = read_history(repo, name)
+        if history["served"] is None:
+            raise ConfigError(f"{repo / name}: nothing promoted yet, so nothing to roll back")
+        previous = history["stack"][-2] if len(history["stack"]) >= 2 else None
+        if previous is None:
+            raise ConfigError(f"{repo / name}: no earlier version to roll back to")
+        stage_rollback(repo, change.staging, name)
+        segmenter = change.staging / step_names(name)["segmenter"] / str(previous)
+        spec = ModelSpec.load(segmenter / "model_spec.json")
+        served = {"triton_version": previous,
+                  **_check_and_commit(change, name, spec, segmenter / "model.onnx")}
+        restored = history["versions"][str(previous)]["mlflow_version"]
+        before = history["stack"][-3] if len(history["stack"]) >= 3 else None
+        tracking.set_champion(name, restored, history["versions"][str(before)]["mlflow_version"] if before else None,
+                              {"rolled_back_at": datetime.now(UTC).isoformat(timespec="seconds")})
     summary = {"action": "rollback", "model_name": name, "version": restored, "triton_version": previous,
                "served_check": served, "repo": str(repo)}
     tracking.log_promotion(summary, repo / name / "history.json")
     return summary
 
 
-def _stage_check_commit(repo: Path, stage, name: str, spec: ModelSpec, onnx_path: Path) -> dict[str, Any]:
-    """Build the new repository beside `repo`, prove a real Triton serves it, then swap it in."""
-    repo.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{repo.name}.staging-", dir=repo.parent))
-    try:
-        version = stage(staging)
-        check = served_check(staging, name, spec, onnx_path)
-        commit_staging(staging, repo)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return {"triton_version": version, **check}
+def reconcile_aliases(name: str, repo: Path) -> None:
+    """Point `champion` (and `previous`) at what `repo` serves, if they differ: a promotion killed
+    between swapping the repository in and moving the aliases leaves them behind."""
+    history = read_history(repo, name)
+    if history["served"] is None:
+        return
+    versions = history["versions"]
+    champion = str(versions[str(history["served"])]["mlflow_version"])
+    previous = str(versions[str(history["stack"][-2])]["mlflow_version"]) if len(history["stack"]) >= 2 else None
+    if (tracking.alias_version(name, CHAMPION), tracking.alias_version(name, PREVIOUS)) == (champion, previous):
+        return
+    log.warning("%s: the registry's aliases do not match what %s serves (an interrupted promotion?); "
+                "champion -> v%s, previous -> %s", name, repo, champion, f"v{previous}" if previous else "none")
+    tracking.set_champion(name, champion, previous, {})
 
 
-def served_check(repo: Path, name: str, spec: ModelSpec, onnx_path: Path) -> dict[str, Any]:
+def _check_and_commit(change: RepositoryChange, name: str, spec: ModelSpec, onnx_path: Path) -> dict[str, Any]:
+    """Prove a real Triton serves the staged repository, then swap it in."""
+    faults.point("staged")
+    check = served_check(change.staging, name, spec, onnx_path, on_spawn=change.record_server,
+                         log_path=change.work / "tritonserver.log")
+    faults.point("served-checked")
+    change.commit()
+    return check
+
+
+def served_check(repo: Path, name: str, spec: ModelSpec, onnx_path: Path, *,
+                 on_spawn: Callable[[int], None] | None = None, log_path: Path | None = None) -> dict[str, Any]:
     """Start Triton on `repo`, send one tile through the ensemble, compare with ONNX Runtime."""
     from rsseg.serving.client import infer_tiles
     from rsseg.serving.server import TritonServer
 
     tile = sample_tile(spec)
-    with TritonServer(repo) as server:
+    with TritonServer(repo, on_spawn=on_spawn, log_path=log_path) as server:
+        faults.point("server-started")
         server.wait_model_ready(name)
         served = infer_tiles(server.grpc_url, name, tile[None])[0]
     expected = onnx_class_maps(onnx_path, spec, tile[None])[0]

@@ -20,6 +20,7 @@ from mlflow import MlflowClient
 from mlflow.models import infer_signature
 
 import rsseg
+from rsseg import faults
 from rsseg.plots import confusion_matrix_figure, overlays_figure
 from rsseg.spec import DEFAULT_MODEL_NAMES, ModelSpec
 from rsseg.training import TrainResult
@@ -216,6 +217,7 @@ def set_champion(name: str, version: str, previous: str | None, tags: dict[str, 
         client.set_registered_model_alias(name, "previous", previous)
     elif alias_version(name, "previous") is not None:
         client.delete_registered_model_alias(name, "previous")
+    faults.point("previous-alias-moved")
     client.set_registered_model_alias(name, "champion", version)
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)

@@ -3,7 +3,11 @@
 For a promoted model NAME the repository holds Python-backend models NAME-preprocess (DALI),
 NAME-segmenter (ONNX Runtime) and NAME-postprocess, tied by the ensemble NAME; for 3-band uint8 models
 also NAME-decode and the ensemble NAME-files, which take encoded image files. Every change is made on a
-copy and swapped in whole (`rsseg.atomic.write_dir_atomically`): `triton_repo/` is never half-written.
+staged copy and swapped in whole (rsseg.serving.transaction): `triton_repo/` is never half-written.
+
+The staged copy shares nothing that it rewrites with the live repository: files inside version folders
+(model code, ONNX files, specs) are never written again once staged, so they are hard-linked; every
+other file (configs, history, README) is copied, and rewritten in the copy by rename.
 """
 
 from __future__ import annotations
@@ -18,7 +22,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from rsseg.atomic import write_dir_atomically
+from rsseg import faults
+from rsseg.atomic import write_text_atomically
 from rsseg.errors import ConfigError
 from rsseg.spec import ModelSpec
 
@@ -148,6 +153,7 @@ def stage_promotion(repo: Path, staging: Path, name: str, spec: ModelSpec, onnx_
     Returns the new Triton version number. `repo` itself is not touched.
     """
     _copy_repo(repo, staging)
+    faults.point("staging-copied")
     history = read_history(staging, name)
     version = max([0, *map(int, history["versions"])]) + 1
     for model, files in model_files(name, spec).items():
@@ -164,6 +170,7 @@ def stage_promotion(repo: Path, staging: Path, name: str, spec: ModelSpec, onnx_
         "staged_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     history["stack"].append(version)
+    faults.point("version-staged")
     _serve(staging, name, spec, version, options, history)
     _prune(staging, name, history)
     return version
@@ -183,11 +190,6 @@ def stage_rollback(repo: Path, staging: Path, name: str) -> int:
     return previous
 
 
-def commit_staging(staging: Path, repo: Path) -> None:
-    """Swap the checked staging copy in for `repo` in one rename."""
-    write_dir_atomically(repo, lambda tmp: _move_contents(staging, tmp))
-
-
 def sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as f:
@@ -200,13 +202,13 @@ def _serve(repo: Path, name: str, spec: ModelSpec, version: int, options: Servin
            history: dict[str, Any]) -> None:
     for model, text in model_configs(name, spec, version, options).items():
         (repo / model).mkdir(parents=True, exist_ok=True)
-        (repo / model / "config.pbtxt").write_text(text)
+        write_text_atomically(repo / model / "config.pbtxt", text)
     # A files ensemble left from a version that had one would point at the wrong spec: drop it.
     if not accepts_files(spec):
         for model in (step_names(name)["decode"], step_names(name)["files"]):
             shutil.rmtree(repo / model, ignore_errors=True)
     history["served"] = version
-    (repo / name / HISTORY_FILE).write_text(json.dumps(history, indent=2) + "\n")
+    write_text_atomically(repo / name / HISTORY_FILE, json.dumps(history, indent=2) + "\n")
 
 
 def _prune(repo: Path, name: str, history: dict[str, Any]) -> None:
@@ -217,29 +219,35 @@ def _prune(repo: Path, name: str, history: dict[str, Any]) -> None:
                 shutil.rmtree(repo / model / version, ignore_errors=True)
             del history["versions"][version]
     history["stack"] = [v for v in history["stack"] if v in keep]
-    (repo / name / HISTORY_FILE).write_text(json.dumps(history, indent=2) + "\n")
+    write_text_atomically(repo / name / HISTORY_FILE, json.dumps(history, indent=2) + "\n")
 
 
 def _copy_repo(repo: Path, staging: Path) -> None:
     if staging.exists() and any(staging.iterdir()):
         raise ConfigError(f"{staging}: staging folder is not empty")
+    staging.mkdir(parents=True, exist_ok=True)
     if repo.is_dir():
-        # Hard links keep copying ONNX files cheap; nothing in a version folder is modified in place.
-        shutil.copytree(repo, staging, dirs_exist_ok=True, copy_function=_link_or_copy)
-    else:
-        staging.mkdir(parents=True, exist_ok=True)
+        _copy_tree(repo, staging, depth=0)
 
 
-def _link_or_copy(source: str, target: str) -> None:
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
-
-
-def _move_contents(source: Path, target: Path) -> None:
+def _copy_tree(source: Path, target: Path, depth: int) -> None:
+    """Depth 0 is the repository, 1 a model folder, 2 and below a version folder: only files there are
+    hard-linked (never rewritten); everything above is copied."""
     for item in source.iterdir():
-        item.rename(target / item.name)
+        if item.is_dir() and not item.is_symlink():
+            (target / item.name).mkdir()
+            _copy_tree(item, target / item.name, depth + 1)
+        elif depth >= 2:
+            _link_or_copy(item, target / item.name)
+        else:
+            shutil.copy2(item, target / item.name, follow_symlinks=False)
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    try:
+        os.link(source, target, follow_symlinks=False)
+    except OSError:
+        shutil.copy2(source, target, follow_symlinks=False)
 
 
 def _python_config(name: str, *, inputs, outputs, kind: str, count: int, parameters: dict[str, str],
