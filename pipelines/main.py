@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     config: MainConfig = from_args(MainConfig, parser_for(MainConfig, __doc__).parse_args(argv))
     if config.source:
         prepared = Path("data/prepared") / Path(config.source).resolve().name
-        prepare_dataset(config.source, prepared)
+        prepare_dataset(config.source, prepared, overwrite=True)  # this job's own manifest, from an earlier run
     else:
         prepared = default_dataset()
     summary = train_and_register(TrainConfig(

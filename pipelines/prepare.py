@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
             palette=config.palette or None, unknown_colors=config.unknown_colors,
             mask_threshold=None if config.mask_threshold < 0 else config.mask_threshold,
             bands=split_list(config.bands, int) or None, ignore_index=config.ignore_index,
-            nodata=None if config.nodata < 0 else config.nodata,
+            nodata=None if config.nodata < 0 else config.nodata, overwrite=config.overwrite,
         )
     stats = json.loads((out / "stats.json").read_text())
     print(f"prepared {out}: scenes {json.dumps(stats['scenes'])}, tiles {json.dumps(stats['tiles'])}")

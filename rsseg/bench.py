@@ -49,7 +49,7 @@ def prepare_benchmark(name: str, data_root: Path = SHARED_DATA, out_root: Path =
     if not source.is_dir():
         raise DataError(f"{source}: benchmark data not found; the benchmarks need ../shared/data beside the project")
     out = out_root / f"bench-{name}"
-    prepare_dataset(source, out, name=f"bench-{name}", progress=False, **recipe.prepare)
+    prepare_dataset(source, out, name=f"bench-{name}", progress=False, overwrite=True, **recipe.prepare)
     return PreparedData.load(out)
 
 

@@ -34,6 +34,7 @@ class PrepareConfig:
     bands: str = _opt("", "comma-separated 1-based band indexes in model order; empty: all bands")
     ignore_index: int = _opt(255, "class index ignored by losses and metrics")
     nodata: int = _opt(-1, "nodata value of the images (-1: none or from the files)")
+    overwrite: bool = _opt(False, "replace an earlier prepare output at --out")
 
 
 @dataclass
@@ -85,7 +86,8 @@ def add_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:
         flag = "--" + f.name.replace("_", "-")
         kwargs: dict[str, Any] = {"dest": f.name, "default": f.default, "help": f.metadata.get("help", "")}
         if f.type in ("bool", bool):
-            kwargs["type"] = _parse_bool
+            # `--overwrite` alone means true; `--overwrite false` (as MLproject passes it) works too.
+            kwargs.update(type=_parse_bool, nargs="?", const=True)
         else:
             kwargs["type"] = {"int": int, "float": float, "str": str}.get(str(f.type), str)
         if f.metadata.get("choices"):

@@ -7,8 +7,11 @@ datasets of ../shared/data when they are there.
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -41,8 +44,10 @@ from rsseg.data.synthetic import (
 )
 from rsseg.data.tiling import tile_starts
 from rsseg.errors import ConfigError, DataError
+from rsseg.outputs import OWNER_FILE, OutputError, owner
 from rsseg.spec import DatasetSpec
 
+PROJECT = Path(__file__).resolve().parents[1]
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
@@ -430,20 +435,130 @@ def test_uint16_four_bands_and_bands_option(tmp_path):
         prepare_dataset(src, tmp_path / "out4", tile_size=64, bands=[5], overlap=16, progress=False)
 
 
-def test_existing_out_replaced_only_on_success(tmp_path):
+def _hidden(folder: Path) -> list[str]:
+    """Temporary or half-written entries (dot names) left beside the outputs."""
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("."))
+
+
+def test_out_holding_other_files_is_refused_and_kept(tmp_path):
     src = generate_seaice(tmp_path / "seaice", scenes=2, size=64, seed=0)
-    out = tmp_path / "out"
-    out.mkdir()
-    (out / "old.txt").write_text("keep until success")
-    with pytest.raises(DataError):
-        prepare_dataset(src, out, tile_size=128, overlap=16, progress=False)
-    assert (out / "old.txt").exists()
-    prepare_dataset(src, out, tile_size=64, overlap=0, progress=False)
-    assert not (out / "old.txt").exists() and (out / "scenes.csv").exists()
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "important.txt").write_text("mine")
+    with pytest.raises(OutputError, match=r"user: folder is not empty and holds files this command did not write"):
+        prepare_dataset(src, user, tile_size=64, overlap=0, progress=False, overwrite=True)  # never widened
+    assert [p.name for p in user.iterdir()] == ["important.txt"] and (user / "important.txt").read_text() == "mine"
+    a_file = tmp_path / "notes.txt"
+    a_file.write_text("keep")
+    with pytest.raises(OutputError, match=r"notes\.txt: exists and is not a folder"):
+        prepare_dataset(src, a_file, tile_size=64, overlap=0, progress=False)
+    with pytest.raises(OutputError, match=r"notes\.txt is a file, not a folder"):
+        prepare_dataset(src, a_file / "sub", tile_size=64, overlap=0, progress=False)
+    assert a_file.read_text() == "keep"
+    other = generate_seaice(tmp_path / "other", scenes=1, size=64, seed=1)
+    with pytest.raises(OutputError, match="was written by generate"):
+        prepare_dataset(src, other, tile_size=64, overlap=0, progress=False)
     with pytest.raises(ConfigError, match="must not be the dataset folder"):
         prepare_dataset(src, src, tile_size=64, overlap=16, progress=False)
     assert (src / "image").exists()
+    assert _hidden(tmp_path) == []
+
+
+def test_out_is_checked_before_any_pixel_is_read(tmp_path):
+    src = _pairs(tmp_path / "src")
+    (src / "image" / "1.tif").write_bytes(b"damaged")  # would fail the scan
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "a.txt").write_text("x")
+    with pytest.raises(OutputError, match="did not write"):
+        prepare_dataset(src, user, tile_size=64, overlap=0, progress=False)
+
+
+def test_overwrite_replaces_only_an_earlier_prepare_output(tmp_path):
+    src = generate_seaice(tmp_path / "seaice", scenes=2, size=64, seed=0)
+    out = tmp_path / "out"
+    prepare_dataset(src, out, tile_size=64, overlap=0, progress=False)
+    assert owner(out) == "prepare" and (out / OWNER_FILE).is_file()
+    tiles = (out / "tiles.csv").read_text()
+    with pytest.raises(OutputError, match="holds an earlier output of prepare; pass --overwrite"):
+        prepare_dataset(src, out, tile_size=32, overlap=0, progress=False)
+    with pytest.raises(DataError, match="smaller than the tile size"):  # a failed run keeps the old output
+        prepare_dataset(src, out, tile_size=128, overlap=0, progress=False, overwrite=True)
+    assert (out / "tiles.csv").read_text() == tiles
+    res = prepare_dataset(src, out, tile_size=32, overlap=0, progress=False, overwrite=True)
+    assert res.num_tiles == 2 * 4 and (out / "tiles.csv").read_text() != tiles and owner(out) == "prepare"
+    # An output of a version without the marker: recognised by its exact files only.
+    legacy = tmp_path / "legacy"
+    legacy.mkdir()
+    for name in ("scenes.csv", "tiles.csv", "dataset_spec.json", "stats.json"):
+        shutil.copy(out / name, legacy / name)
+    prepare_dataset(src, legacy, tile_size=64, overlap=0, progress=False, overwrite=True)
+    assert owner(legacy) == "prepare" and len(pd.read_csv(legacy / "tiles.csv")) == 2
+    (legacy / OWNER_FILE).unlink()
+    (legacy / "mine.txt").write_text("x")
+    with pytest.raises(OutputError, match="did not write"):
+        prepare_dataset(src, legacy, tile_size=64, overlap=0, progress=False, overwrite=True)
+    assert (legacy / "mine.txt").exists()
+    assert _hidden(tmp_path) == []
+
+
+def _prepare_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipelines.prepare", *args], cwd=PROJECT, capture_output=True,
+                          text=True, timeout=120)
+
+
+def _one_error_line(done: subprocess.CompletedProcess, *needles: str) -> None:
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert done.returncode == 2 and len(errors) == 1 and "Traceback" not in done.stderr, done.stderr
+    assert all(n in errors[0] for n in needles), errors[0]
+
+
+def test_prepare_cli_out_refusals_and_overwrite(tmp_path):
+    src = generate_seaice(tmp_path / "seaice", scenes=2, size=64, seed=0)
+    common = ["--source", str(src), "--tile-size", "64", "--overlap", "0"]
+    user = tmp_path / "d"
+    user.mkdir()
+    (user / "important.txt").write_text("mine")
+    _one_error_line(_prepare_cli(*common, "--out", str(user)), str(user), "did not write", "(nothing was changed)")
+    assert (user / "important.txt").read_text() == "mine" and len(list(user.iterdir())) == 1
+    a_file = tmp_path / "f.txt"
+    a_file.write_text("keep")
+    _one_error_line(_prepare_cli(*common, "--out", str(a_file)), str(a_file), "not a folder")
+    assert a_file.read_text() == "keep"
+    out = tmp_path / "out"
+    assert _prepare_cli(*common, "--out", str(out)).returncode == 0
+    _one_error_line(_prepare_cli(*common, "--out", str(out)), "earlier output of prepare", "--overwrite")
+    done = _prepare_cli(*common, "--out", str(out), "--overwrite")
+    assert done.returncode == 0 and "prepared" in done.stdout, done.stderr
+    assert _hidden(tmp_path) == []  # no .NAME.old-PID, no temp folder
+
+
+def test_prepare_cli_damaged_raster_is_one_line_with_gdals_cause(tmp_path):
+    src = tmp_path / "src"
+    _bad_truncated(src)
+    done = _prepare_cli("--source", str(src), "--out", str(tmp_path / "out"), "--tile-size", "64", "--overlap", "0")
+    _one_error_line(done, "0.png: cannot read as a raster (", "libpng")
+    assert "GDAL signalled" not in done.stderr and "See previous exception" not in done.stderr, done.stderr
+    assert not (tmp_path / "out").exists() and _hidden(tmp_path) == []
+
+
+def test_generators_never_replace_a_users_folder(tmp_path):
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "photo.png").write_bytes(b"x")
+    for generate in (lambda: generate_seaice(user, scenes=1, size=64),
+                     lambda: generate_change(user, pairs=1, size=64),
+                     lambda: generate_landcover(user, scenes=1, size=64)):
+        with pytest.raises(OutputError, match="did not write"):
+            generate()
+    assert [p.name for p in user.iterdir()] == ["photo.png"]
+    src = generate_seaice(tmp_path / "gen", scenes=1, size=64, seed=0)
+    generate_change(src, pairs=1, size=64)  # its own earlier output: replaced
+    assert (src / "A").is_dir() and not (src / "image").exists()
+    (src / OWNER_FILE).unlink()  # generated before output markers: GENERATED says it is generated
+    generate_seaice(src, scenes=1, size=64)
+    assert (src / "image").is_dir() and not (src / "A").exists()
+    assert _hidden(tmp_path) == []
 
 
 # --------------------------------------------------------------------------------------------- bad inputs
@@ -456,6 +571,11 @@ def _pairs(root: Path, sizes=((64, 64), (64, 64)), bands: int = 3, dtype=np.uint
         write_geotiff(root / "image" / f"{i}.tif", np.ones((h, w, bands), dtype))
         write_png(root / "gt" / f"{i}.png", np.zeros((h, w), np.uint8))
     return root
+
+
+def _write_truncated(path: Path, write, array: np.ndarray) -> None:
+    write(path, array)
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
 
 
 def _bad_missing(root: Path) -> str:
@@ -503,18 +623,44 @@ def _bad_unreadable(root: Path) -> str:
 
 def _bad_truncated(root: Path) -> str:
     _pairs(root, sizes=((200, 200), (64, 64)))
-    p = root / "gt" / "0.png"
-    write_png(p, np.random.default_rng(0).integers(0, 2, (200, 200), dtype=np.uint8) * 255)
-    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
-    return r"0\.png: cannot read"
+    _write_truncated(root / "gt" / "0.png", write_png,
+                     np.random.default_rng(0).integers(0, 2, (200, 200), dtype=np.uint8) * 255)
+    return r"0\.png: cannot read as a raster \(.*libpng: Read Error\)"  # GDAL's cause
+
+
+def _bad_truncated_tiff(root: Path) -> str:
+    _pairs(root, sizes=((600, 600), (600, 600)))
+    _write_truncated(root / "image" / "1.tif", write_geotiff,
+                     np.random.default_rng(0).integers(0, 255, (600, 600, 3), dtype=np.uint8))
+    return r"1\.tif: cannot read as a raster \(TIFFFillTile:Read error at row \d+, col \d+, tile \d+; got \d+ bytes"
+
+
+def _bad_folder_named_like_a_mask(root: Path) -> str:
+    _pairs(root)
+    (root / "gt" / "1.png").unlink()
+    (root / "gt" / "1.png").mkdir()
+    return r"gt/1\.png: named like an image but is a folder, not a file; replace it with the image file or remove it"
+
+
+def _bad_broken_link(root: Path) -> str:
+    _pairs(root)
+    (root / "gt" / "1.png").unlink()
+    (root / "gt" / "1.png").symlink_to("../../elsewhere/1.png")
+    return r"gt/1\.png: named like an image but is a broken link pointing at \.\./\.\./elsewhere/1\.png"
+
+
+def _bad_named_pipe(root: Path) -> str:
+    _pairs(root)
+    (root / "image" / "1.tif").unlink()
+    os.mkfifo(root / "image" / "1.tif")  # opening it would block forever
+    return r"image/1\.tif: named like an image but is a named pipe"
 
 
 def _bad_truncated_jpeg(root: Path) -> str:
     _pairs(root, sizes=((64, 64),))
     (root / "image" / "0.tif").unlink()
-    p = root / "image" / "0.jpg"
-    write_jpeg(p, np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
-    p.write_bytes(p.read_bytes()[: p.stat().st_size // 2])
+    _write_truncated(root / "image" / "0.jpg", write_jpeg,
+                     np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8))
     return r"0\.jpg: cannot read"
 
 
@@ -561,8 +707,9 @@ def _bad_colour_mask_without_palette(root: Path) -> str:
 
 
 BAD = [_bad_missing, _bad_empty, _bad_layout, _bad_image_without_mask, _bad_mask_without_image, _bad_too_small,
-       _bad_size_mismatch, _bad_unreadable, _bad_truncated, _bad_truncated_jpeg, _bad_values, _bad_change_sizes, _bad_band_counts,
-       _bad_dtypes, _bad_float, _bad_colour_mask_without_palette]
+       _bad_size_mismatch, _bad_unreadable, _bad_truncated, _bad_truncated_tiff, _bad_truncated_jpeg, _bad_values,
+       _bad_change_sizes, _bad_band_counts, _bad_dtypes, _bad_float, _bad_colour_mask_without_palette,
+       _bad_folder_named_like_a_mask, _bad_broken_link, _bad_named_pipe]
 
 
 @pytest.mark.parametrize("make", BAD, ids=[f.__name__[5:] for f in BAD])
@@ -574,7 +721,7 @@ def test_bad_inputs(tmp_path, make):
     with pytest.raises(DataError) as exc:
         prepare_dataset(src, out, tile_size=tile, overlap=0, progress=False)
     msg = str(exc.value)
-    assert "\n" not in msg
+    assert "\n" not in msg and "previous exception" not in msg
     assert str(src) in msg
     assert re.search(expected, msg), msg
     assert not out.exists()

@@ -26,5 +26,6 @@ def default_dataset(root: Path = Path(".")) -> Path:
         if not source.is_dir():
             log.info("no data given: generating %d sea-ice-like scenes in %s", GENERATED_SCENES, source)
             generate_seaice(source, scenes=GENERATED_SCENES, size=GENERATED_SIZE, seed=0)
-        prepare_dataset(source, prepared, tile_size=GENERATED_TILE, overlap=GENERATED_OVERLAP)
+        # A marked prepare output that lost its spec is ours to redo; any other folder there is still refused.
+        prepare_dataset(source, prepared, tile_size=GENERATED_TILE, overlap=GENERATED_OVERLAP, overwrite=True)
     return prepared

@@ -30,7 +30,6 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window as RioWindow
 from tqdm import tqdm
 
-from rsseg.atomic import write_dir_atomically
 from rsseg.data.masks import (
     binarize_rgb,
     colormap_lut,
@@ -38,10 +37,11 @@ from rsseg.data.masks import (
     pack_rgb,
     unpack_rgb,
 )
-from rsseg.data.raster import IMAGE_SUFFIXES, RasterInfo, list_images, raster_info
+from rsseg.data.raster import IMAGE_SUFFIXES, RasterInfo, gdal_cause, not_a_file, raster_info
 from rsseg.data.synthetic import GENERATED_MARKER
 from rsseg.data.tiling import grid_windows
 from rsseg.errors import ConfigError, DataError, UserError
+from rsseg.outputs import check_output_dir, replace_output_dir
 from rsseg.spec import DTYPES, TASKS, DatasetSpec, default_colors
 
 log = logging.getLogger(__name__)
@@ -50,6 +50,8 @@ LAYOUTS = ("pairs", "palette", "change", "second")
 PALETTE_DIR = Path(__file__).parent / "palettes"
 SCENE_COLUMNS = ["scene", "image", "mask", "image_b", "mask_b", "height", "width", "fold", "split"]
 TILE_COLUMNS = ["scene", "row", "col", "size", "fold", "split"]
+# Outputs of prepare from before the owner marker (rsseg.outputs): exactly these files.
+LEGACY_OUTPUT = {"prepare": {"scenes.csv", "tiles.csv", "dataset_spec.json", "stats.json"}}
 
 _PAIR_DIRS = (("image", "gt"), ("images", "groundtruth"), ("images", "masks"))
 _CHANGE_DIRS = ("A", "B", "label")
@@ -135,16 +137,21 @@ def prepare_dataset(
     ignore_index: int = 255,
     nodata: int | None = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> PreparedDataset:
-    """Check a labelled dataset and write its manifest to `out` (replaced only once everything succeeded).
+    """Check a labelled dataset and write its manifest to `out`: a new or empty folder, or (with
+    `overwrite`) an earlier output of prepare, replaced only once everything succeeded.
 
-    Raises DataError / ConfigError with one line naming the file and the fix; nothing is left at `out`.
+    Raises DataError / ConfigError / OutputError with one line naming the file and the fix; nothing is
+    left at `out`.
     """
     source = Path(source)
     out = Path(out)
     _check_params(layout, task, tile_size, overlap, folds, val_fraction, unknown_colors, mask_threshold,
                   ignore_index, classes)
     _check_source(source, out)
+    # Before reading any pixel: a refused --out costs nothing.
+    check_output_dir(out, "prepare", overwrite=overwrite, legacy=LEGACY_OUTPUT)
     marker = _read_marker(source)
 
     pal = load_palette(palette, ignore_index) if palette is not None else None
@@ -193,7 +200,7 @@ def prepare_dataset(
     if empty:
         log.warning("%s: no pixel of class(es) %s in any mask; check the classes, threshold or palette",
                     source, ", ".join(empty))
-    written = _write_output(out, spec, scene_df, tile_df, stats)
+    written = _write_output(out, spec, scene_df, tile_df, stats, overwrite)
     log.info(
         "prepared %s: %d scenes, %d tiles of %d px (%s) -> %s",
         spec.name, len(scene_df), len(tile_df), tile_size, ", ".join(f"{k} {v}" for k, v in stats["tiles"].items()),
@@ -348,7 +355,16 @@ def _change_dirs(folder: Path) -> tuple[Path, Path, Path] | None:
 
 
 def _by_stem(folder: Path) -> dict[str, Path]:
-    files = [f for f in list_images(folder) if not f.name.startswith(".")]  # skip ._x.png (macOS) and the like
+    try:
+        entries = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    except OSError as exc:
+        raise DataError(f"{folder}: cannot list the folder ({exc.strerror}); check its permissions") from None
+    files = [f for f in entries if not f.name.startswith(".")]  # skip ._x.png (macOS) and the like
+    for f in files:
+        what = not_a_file(f)
+        if what:  # not silently skipped: its pair would then be reported as missing a mask
+            raise DataError(f"{f}: named like an image but is {what}; replace it with the image file or "
+                            "remove it")
     if not files:
         raise DataError(f"{folder}: no images ({', '.join(IMAGE_SUFFIXES)}); put the files there or fix the path")
     by_stem: dict[str, Path] = {}
@@ -450,9 +466,8 @@ def _resolve_task(layout: str, task: str | None, classes: list[str] | None, pal:
     return "multiclass" if n > 2 else "binary"
 
 
-def _open_error(path: Path, exc: Exception) -> DataError:
-    msg = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-    return DataError(f"{path}: cannot read as a raster ({msg}); check the file is a complete image")
+def _open_error(path: Path, exc: BaseException) -> DataError:
+    return DataError(f"{path}: cannot read as a raster ({gdal_cause(exc)}); check the file is a complete image")
 
 
 def _info(path: Path) -> RasterInfo:
@@ -946,7 +961,8 @@ def _stats(
 
 
 def _write_output(
-    out: Path, spec: DatasetSpec, scene_df: pd.DataFrame, tile_df: pd.DataFrame, stats: dict[str, Any]
+    out: Path, spec: DatasetSpec, scene_df: pd.DataFrame, tile_df: pd.DataFrame, stats: dict[str, Any],
+    overwrite: bool,
 ) -> Path:
     """Write into a temp folder beside `out`, then swap it in: `out` is never half-written."""
 
@@ -956,8 +972,11 @@ def _write_output(
         spec.save(tmp / "dataset_spec.json")
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
 
-    return write_dir_atomically(out, fill)
-
+    try:
+        return replace_output_dir(out, fill, command="prepare", overwrite=overwrite, legacy=LEGACY_OUTPUT)
+    except OSError as exc:  # disk full, a folder made read-only meanwhile: the temp folder is already gone
+        raise DataError(f"{out}: cannot write the manifest ({exc.strerror or exc}); free space or give another "
+                        "--out (nothing was changed)") from None
 
 
 def _color(value: Any, path: Path, where: str) -> list[int]:

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import os
+import stat
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +21,9 @@ IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 
 # Plain PNG/JPEG training images carry no georeferencing; that is expected, not worth a warning.
 warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
+# rasterio echoes every GDAL error as an INFO log line; the error itself reaches the user through the
+# exception (`gdal_cause`), so the echo would only be a stray line before it.
+logging.getLogger("rasterio._err").setLevel(logging.WARNING)
 
 
 @dataclass(frozen=True)
@@ -35,7 +41,7 @@ def raster_info(path: str | Path) -> RasterInfo:
         with rasterio.open(path) as src:
             return RasterInfo(str(path), src.height, src.width, src.count, src.dtypes[0], src.nodata)
     except RasterioIOError as exc:
-        raise DataError(f"{path}: cannot read as a raster ({_short(exc)}); check the file is a complete image") from None
+        raise DataError(f"{path}: cannot read as a raster ({gdal_cause(exc)}); check the file is a complete image") from None
 
 
 def read_window(path: str | Path, window: Window | None = None, bands: list[int] | None = None) -> np.ndarray:
@@ -45,7 +51,7 @@ def read_window(path: str | Path, window: Window | None = None, bands: list[int]
             rio_window = None if window is None else RioWindow(window.col, window.row, window.width, window.height)
             data = src.read(bands or list(range(1, src.count + 1)), window=rio_window)
     except RasterioIOError as exc:
-        raise DataError(f"{path}: cannot read as a raster ({_short(exc)}); check the file is a complete image") from None
+        raise DataError(f"{path}: cannot read as a raster ({gdal_cause(exc)}); check the file is a complete image") from None
     return np.ascontiguousarray(np.moveaxis(data, 0, -1))
 
 
@@ -53,5 +59,35 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def _short(exc: Exception) -> str:
-    return str(exc).splitlines()[0][:200]
+def not_a_file(path: Path) -> str | None:
+    """What `path` is when it is not a regular file that can be opened ("a folder", "a broken link
+    pointing at X", ...), or None. A named pipe or device would make a reader block or misbehave."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        if path.is_symlink():
+            return f"a broken link pointing at {os.readlink(path)}"
+        return "missing"
+    except OSError as exc:  # a link loop, a folder without search permission, ...
+        target = f" pointing at {os.readlink(path)}" if path.is_symlink() else ""
+        return f"a path that cannot be followed{target} ({exc.strerror})"
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return "a folder, not a file"
+    kinds = {stat.S_ISFIFO: "a named pipe", stat.S_ISSOCK: "a socket", stat.S_ISCHR: "a device",
+             stat.S_ISBLK: "a device"}
+    return next((name for test, name in kinds.items() if test(mode)), "not a regular file")
+
+
+def gdal_cause(exc: BaseException) -> str:
+    """The innermost GDAL message behind a rasterio error (the real cause, e.g. "TIFFFillTile: Read error
+    at row 512 ... got 79995 bytes, expected 196625"), rather than "Read failed. See previous exception"."""
+    messages, seen, current = [], set(), exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        text = str(current).strip()
+        if text and "see previous exception" not in text.lower():
+            messages.append(text.splitlines()[0])
+        current = current.__cause__ or current.__context__
+    return (messages[-1] if messages else type(exc).__name__)[:300]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from rasterio.errors import NotGeoreferencedWarning
 from rasterio.transform import Affine
 from rasterio.warp import transform as warp_transform
 
-from rsseg.atomic import write_dir_atomically
+from rsseg.outputs import replace_output_dir
 
 log = logging.getLogger(__name__)
 
@@ -134,6 +135,15 @@ def smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float)
     return out / std if std > 0 else out
 
 
+def _write_generated(out: str | Path, fill: Callable[[Path], None]) -> Path:
+    """Write a generated dataset folder, replacing `out` only when a generator wrote it: never a user's
+    folder (rsseg.outputs)."""
+    out = Path(out)
+    # Folders generated before output markers existed carry only GENERATED: they count as generated too.
+    legacy = {"generate": {p.name for p in out.iterdir()}} if (out / GENERATED_MARKER).is_file() else None
+    return replace_output_dir(out, fill, command="generate", overwrite=True, legacy=legacy)
+
+
 def _mark_generated(folder: Path, generator: str, seed: int, name: str, classes: list[str], params: dict) -> None:
     marker = {"generator": f"rsseg.data.synthetic.{generator}", "seed": seed, "name": name, "classes": classes,
               "params": params}
@@ -223,7 +233,7 @@ def generate_seaice(out: str | Path, *, scenes: int = 8, size: int = 512, seed: 
         _mark_generated(tmp, "generate_seaice", seed, "generated-seaice", ["background", "ice"],
                         {"scenes": scenes, "size": size})
 
-    path = write_dir_atomically(out, fill)
+    path = _write_generated(out, fill)
     log.info("generated %d sea-ice scenes of %dx%d in %s", scenes, size, size, path)
     return path
 
@@ -310,7 +320,7 @@ def generate_change(
                             ["unchanged"] + [f"class_{j}" for j in range(1, k)],
                             {"pairs": pairs, "size": size, "semantic_classes": k})
 
-    return write_dir_atomically(out, fill)
+    return _write_generated(out, fill)
 
 
 # ----------------------------------------------------------------------------------------------- land cover
@@ -360,4 +370,4 @@ def generate_landcover(
         _mark_generated(tmp, "generate_landcover", seed, "generated-landcover",
                         [c["name"] for c in palette["classes"]], {"scenes": scenes, "size": size})
 
-    return write_dir_atomically(out, fill)
+    return _write_generated(out, fill)
