@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import random
 import time
 from collections.abc import Callable
@@ -150,7 +151,7 @@ def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback |
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         start_epoch, best_value, best_epoch = state["epoch"] + 1, state["best_value"], state["best_epoch"]
-        best_state, best, history = state["best_state"], state["best"], state["history"]
+        best_state, best, history = state["best_state"], _best_from_checkpoint(state["best"]), state["history"]
         _set_rng_state(state["rng"])
         log.info("resumed from %s at epoch %d (best %s %.4f at epoch %d)", config.resume, start_epoch,
                  spec.dataset.headline_metric, best_value, best_epoch)
@@ -190,7 +191,8 @@ def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback |
                 _save_checkpoint(checkpoint_dir / "last.pt", {
                     "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                     "scheduler": scheduler.state_dict(), "epoch": epoch, "best_value": best_value,
-                    "best_epoch": best_epoch, "best_state": best_state, "best": best, "history": history,
+                    "best_epoch": best_epoch, "best_state": best_state, "best": _best_to_checkpoint(best),
+                    "history": history,
                     "rng": _rng_state(), "config": config.__dict__,
                 })
         if stopped_by_budget:
@@ -377,14 +379,45 @@ def _seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+# Checkpoints hold only what torch.load(weights_only=True) accepts (tensors, numbers, strings, lists,
+# tuples, dicts), so loading one never runs code: numpy state travels as lists and tensors.
+_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "best_value", "best_epoch", "best_state", "best",
+                    "history", "rng")
+
+
 def _rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    name, key, pos, has_gauss, gauss = np.random.get_state(legacy=True)
+    return {"python": random.getstate(), "numpy": (name, key.tolist(), pos, has_gauss, gauss),
+            "torch": torch.get_rng_state()}
 
 
 def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, key, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, np.array(key, dtype=np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(state["torch"])
+
+
+def _best_to_checkpoint(best: dict[str, Any]) -> dict[str, Any]:
+    if not best:
+        return {}
+    return {"metrics": best["metrics"], "confusion": torch.from_numpy(np.asarray(best["confusion"])),
+            "overlays": [{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in vars(o).items()}
+                         for o in best["overlays"]]}
+
+
+def _best_from_checkpoint(saved: dict[str, Any]) -> dict[str, Any]:
+    if not saved:
+        return {}
+    return {"metrics": saved["metrics"], "confusion": saved["confusion"].numpy(),
+            "overlays": [Overlay(**{k: v.numpy() for k, v in o.items()}) for o in saved["overlays"]]}
+
+
+def _unpickling_reason(exc: Exception) -> str:
+    """The one line of torch's weights-only refusal that says what was refused (its other lines are advice)."""
+    lines = [line.strip() for line in str(exc).splitlines()[1:]]
+    useful = [line for line in lines if line and not line.startswith(("Please file an issue", "Check the documentation"))]
+    return (useful[0] if useful else str(exc).splitlines()[0])[:200]
 
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
@@ -395,6 +428,25 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
 
 
 def _load_checkpoint(path: str) -> dict[str, Any]:
+    """A checkpoint's contents, unpickled with weights_only=True: a file that would run code or build any
+    other object is refused in one line, before anything in it is executed."""
     if not Path(path).is_file():
         raise ConfigError(f"resume: checkpoint {path} not found; give the last.pt of an earlier run")
-    return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = _unpickling_reason(exc)
+        if "GLOBAL" in reason:  # a class or function to import and call
+            raise ConfigError(f"resume: {path} holds objects other than tensors and plain values ({reason}); it was "
+                              "not loaded (it could run code): resume only from last.pt files this version of "
+                              "rsseg wrote") from None
+        raise ConfigError(f"resume: {path} is not a readable checkpoint ({reason}); give the last.pt of an "
+                          "earlier run") from None
+    except (RuntimeError, EOFError, ValueError, OSError) as exc:
+        raise ConfigError(f"resume: {path} is not a readable checkpoint ({str(exc).splitlines()[0][:200]}); "
+                          "give the last.pt of an earlier run") from None
+    missing = [k for k in _CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ConfigError(f"resume: {path} is not an rsseg training checkpoint (no {', '.join(missing)}); give "
+                          "the last.pt of an earlier run")
+    return state

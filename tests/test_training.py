@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 
 import numpy as np
 import pytest
@@ -115,3 +116,39 @@ def test_tile_size_must_fit_the_model_stride(seaice_prepared, tmp_path):
     data.tiles["size"] = 40
     with pytest.raises(ConfigError, match="multiple of"):
         train(tiny_config(seaice_prepared, tmp_path), data)
+
+
+class _RunsCode:
+    """Pickles as a call of os.mkdir: what a crafted checkpoint would run on a plain torch.load."""
+
+    def __init__(self, path) -> None:
+        self.path = path
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.path),)
+
+
+def test_resume_refuses_a_checkpoint_that_would_run_code(seaice_prepared, tmp_path):
+    data = PreparedData.load(seaice_prepared)
+    touched = tmp_path / "code-ran"
+    crafted = tmp_path / "last.pt"
+    torch.save({"model": {}, "epoch": 1, "payload": _RunsCode(touched)}, crafted)
+    with pytest.raises(ConfigError) as err:
+        train(tiny_config(seaice_prepared, tmp_path, resume=str(crafted)), data)
+    assert not touched.exists()  # refused before anything in the file ran
+    msg = str(err.value)
+    assert "\n" not in msg and str(crafted) in msg and "not loaded (it could run code)" in msg, msg
+    for bad, says in ((b"garbage", "not a readable checkpoint"), (None, "not an rsseg training checkpoint")):
+        if bad is None:
+            torch.save({"model": {}}, crafted)
+        else:
+            crafted.write_bytes(bad)
+        with pytest.raises(ConfigError, match=says):
+            train(tiny_config(seaice_prepared, tmp_path, resume=str(crafted)), data)
+
+
+def test_checkpoints_load_with_weights_only(seaice_prepared, tmp_path):
+    data = PreparedData.load(seaice_prepared)
+    train(tiny_config(seaice_prepared, tmp_path, epochs=1), data)
+    state = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)  # raises on any pickled object
+    assert set(state["optimizer"]) == {"state", "param_groups"} and state["best"]["overlays"]
