@@ -27,7 +27,9 @@ se_layer=Identity); the default model is checked end to end and for high (not ex
 from __future__ import annotations
 
 import json
+import logging
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -399,6 +401,78 @@ def test_dataset_mask_marks_missing_pixels(local_model: Model, tmp_path: Path) -
     segment_scene(path, tmp_path / "masked_map.tif", local_model.predict, spec, progress=False)
     got = read_map(tmp_path / "masked_map.tif")[0]
     assert (got[:30, :40] == NODATA).all() and (got[mask > 0] != NODATA).all()
+
+
+def write_patches(path: Path, shape: tuple[int, int], patches: dict[tuple[int, int], np.ndarray], *, sparse: bool,
+                  masked: bool = False) -> Path:
+    """A tiled GeoTIFF (256-pixel blocks) of nodata (0, or an internal mask when `masked`) holding
+    `patches` {(row, col): HWC uint8}. `sparse`: only the patches' blocks are written (SPARSE_OK), else
+    every block is (a dense file with the same pixels)."""
+    profile = {"driver": "GTiff", "height": shape[0], "width": shape[1], "count": 3, "dtype": "uint8", "crs": UTM,
+               "transform": north_up(500_000.0, 4_500_000.0, 10.0), "tiled": True, "blockxsize": 256,
+               "blockysize": 256, "compress": "deflate", "sparse_ok": sparse, "BIGTIFF": "IF_SAFER",
+               **({} if masked else {"nodata": 0})}
+    with rasterio.Env(GDAL_TIFF_INTERNAL_MASK=True), rasterio.open(path, "w", **profile) as dst:
+        if not sparse:
+            dst.write(np.zeros((3, *shape), np.uint8))
+            if masked:
+                dst.write_mask(np.zeros(shape, np.uint8))
+        for (row, col), patch in patches.items():
+            window = rasterio.windows.Window(col, row, patch.shape[1], patch.shape[0])
+            dst.write(np.moveaxis(patch, -1, 0), window=window)
+            if masked:
+                dst.write_mask(np.full(patch.shape[:2], 255, np.uint8), window=window)
+    return path
+
+
+@pytest.mark.parametrize("masked", [False, True])
+def test_sparse_blocks_are_skipped_unread_and_give_the_dense_map(local_model: Model, tmp_path: Path,
+                                                                 masked: bool) -> None:
+    """Windows over blocks a sparse GeoTIFF leaves out (they read as nodata / masked) are skipped without
+    reading; the map equals that of the same pixels stored densely (which reads them)."""
+    patches = {(300, 700): scene_image((260, 300), seed=7) | 1,  # | 1: no pixel is the nodata value
+               (1130, 1420): scene_image((70, 80), seed=8) | 1}  # on the bottom-right edge: reflected windows
+    summaries, maps = [], []
+    for sparse in (True, False):
+        path = write_patches(tmp_path / f"{sparse}.tif", (1200, 1500), patches, sparse=sparse, masked=masked)
+        summaries.append(segment_scene(path, tmp_path / f"{sparse}_map.tif", local_model.predict, local_model.spec,
+                                       tile=256, margin=32, progress=False))
+        maps.append(read_map(tmp_path / f"{sparse}_map.tif"))
+    np.testing.assert_array_equal(maps[0], maps[1])
+    sparse, dense = summaries
+    assert sparse.windows_unread > 0.7 * sparse.windows and dense.windows_unread == 0
+    assert (sparse.windows_predicted, sparse.windows_skipped) == (dense.windows_predicted, dense.windows_skipped)
+    assert sparse.windows_predicted > 0 and (maps[0][0, 300:560, 700:1000] != NODATA).all()
+
+
+def test_huge_sparse_scene_reads_only_its_data(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """20000 x 20000 with a small patch of data: a size line first, an ETA, and only the windows near the
+    patch are read, so it takes seconds (not the minutes 10,000 windows of reads would)."""
+    caplog.set_level(logging.INFO)
+    patch = scene_image((300, 500), seed=3) | 1
+    path = write_patches(tmp_path / "huge.tif", (20000, 20000), {(6000, 9000): patch}, sparse=True)
+    spec = make_spec(STRIDE)
+    read_windows = []
+
+    def predict(tiles: np.ndarray) -> np.ndarray:  # per pixel: stitching cannot change it
+        read_windows.append(len(tiles))
+        return (tiles[..., :1] % 3).transpose(0, 3, 1, 2)
+
+    start = time.perf_counter()
+    summary = segment_scene(path, tmp_path / "huge_map.tif", predict, spec, tile=256, margin=32, progress=False)
+    assert time.perf_counter() - start < 60
+    # windows at stride 192 reading any of the patch's blocks (rows 5888-6399, columns 8960-9727): 4 x 5
+    assert summary.windows == 104 * 104 and summary.windows - summary.windows_unread == 4 * 5
+    assert summary.windows_skipped == summary.windows - sum(read_windows)
+    with rasterio.open(tmp_path / "huge_map.tif") as f:
+        around = f.read(1, window=rasterio.windows.Window(8800, 5800, 900, 700))
+    expected = np.full((700, 900), NODATA, np.uint8)
+    expected[200:500, 200:700] = patch[..., 0] % 3
+    np.testing.assert_array_equal(around, expected)
+    assert summary.heads["classes"]["nodata_pixels"] == 20000 * 20000 - 300 * 500
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("20000x20000 pixels (400.0 MPix)" in m and f"of {summary.windows} (" in m for m in messages), messages
+    assert any("windows done in" in m and "ETA" in m for m in messages), messages
 
 
 def test_uint16_band_selection_and_nodata(local_model: Model, tmp_path: Path) -> None:

@@ -312,7 +312,7 @@ def served_change(tmp_path_factory):
         yield server, spec, onnx
 
 
-def test_change_pair_is_read_over_the_same_windows(served_change, tmp_path):
+def test_change_pair_is_read_over_the_same_windows(served_change, tmp_path, capsys):
     from rsseg.promotion import onnx_class_maps
 
     server, spec, onnx = served_change
@@ -332,12 +332,25 @@ def test_change_pair_is_read_over_the_same_windows(served_change, tmp_path):
         assert json.loads(f.tags(2)["classes"])[1:] == ["water", "building", "tree"]
     summary = json.loads((tmp_path / "out" / "a_b.json").read_text())
     assert set(summary["heads"]) == {"change", "semantic_a", "semantic_b"}
-    # A pair on different grids is refused in one line, with no output.
+    # A pair on different grids is refused in one line that says what differs, with no output.
     write_geotiff(tmp_path / "c.tif", scene_image((64, 80), seed=3), crs=UTM)
-    code = main(["--before", str(tmp_path / "a.tif"), "--after", str(tmp_path / "c.tif"), "--out", str(tmp_path / "out2"),
-                 "--url", server.grpc_url, "--no-progress"])
-    assert code == 1
-    assert not (tmp_path / "out2" / "a_c.classes.tif").exists()
+    with rasterio.open(tmp_path / "a.tif") as f:
+        shifted = f.transform @ f.transform.translation(0, 1)  # the same size and CRS, one row lower
+    write_geotiff(tmp_path / "d.tif", after, crs=UTM, transform=shifted)
+    capsys.readouterr()
+    for other, expected in (("c", "size 64x64 vs 80x64"),
+                            ("d", f"transform {read_transform(tmp_path / 'a.tif')} vs {shifted.to_gdal()}")):
+        code = main(["--before", str(tmp_path / "a.tif"), "--after", str(tmp_path / f"{other}.tif"), "--out",
+                     str(tmp_path / "out2"), "--url", server.grpc_url, "--no-progress"])
+        assert code == 1
+        assert not (tmp_path / "out2" / f"a_{other}.classes.tif").exists()
+        errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+        assert expected in errors[0] and "CRS" not in errors[0], errors
+
+
+def read_transform(path: Path) -> tuple[float, ...]:
+    with rasterio.open(path) as f:
+        return f.transform.to_gdal()
 
 
 @pytest.mark.slow

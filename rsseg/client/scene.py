@@ -494,26 +494,28 @@ class _Progress:
     def __init__(self, name: str | Path, total: int, enabled: bool) -> None:
         self.bar = tqdm(total=total, desc="segment", unit="tile", disable=not enabled, file=sys.stderr)
         self.name, self.total = name, total
-        self.done = self.read = 0  # windows handled / read from the file (not those over absent blocks)
+        self.read = 0  # windows read from the file (not those over absent blocks)
         self.start = time.perf_counter()
         self.logged: float | None = None
 
     def update(self, read: bool) -> None:
-        self.done += 1
         self.read += read
         self.bar.update(1)
 
     def set_postfix_str(self, text: str, refresh: bool = False) -> None:
         self.bar.set_postfix_str(text, refresh=refresh)
 
-    def row_read(self, rows_left: int) -> None:
+    def row_finished(self, rows_left: int, windows_done: int) -> None:
+        """A row of windows is stitched and written: `windows_done` windows are behind us for good (the
+        windows merely read or sent would give too high a rate while the first requests are in flight)."""
         now = time.perf_counter()
         if not rows_left or (self.logged is not None and now - self.logged < ETA_EVERY_S):
             return
         self.logged = now
-        rate = self.done / max(now - self.start, 1e-9)
-        log.info("%s: %d of %d windows in %.0f s (%.1f windows/s, %d read); ETA %s", self.name, self.done,
-                 self.total, now - self.start, rate, self.read, _duration((self.total - self.done) / rate))
+        rate = windows_done / max(now - self.start, 1e-9)
+        log.info("%s: %d of %d windows done in %.0f s (%.1f windows/s, %d read so far); ETA %s", self.name,
+                 windows_done, self.total, now - self.start, rate, self.read,
+                 _duration((self.total - windows_done) / rate))
 
     def close(self) -> None:
         self.bar.close()
@@ -605,13 +607,15 @@ def _stream(rows: list[list[PlannedWindow]], reader: _WindowReader, run: _Run, b
     the rows between the oldest request in flight and the window being read (one or two rows)."""
     outstanding = [0] * len(rows)
     read = 0  # rows fully read
-    finished = 0
+    finished = windows_done = 0
 
     def finish_ready() -> None:
-        nonlocal finished
+        nonlocal finished, windows_done
         while finished < read and outstanding[finished] == 0:
             stitcher.finish_row(finished)
+            windows_done += len(rows[finished])
             finished += 1
+            bar.row_finished(len(rows) - finished, windows_done)
 
     def done(w: PlannedWindow, maps: np.ndarray | None, probabilities: np.ndarray | None) -> None:
         stitcher.put(w, maps, probabilities)
@@ -639,7 +643,6 @@ def _stream(rows: list[list[PlannedWindow]], reader: _WindowReader, run: _Run, b
             run.submit(windows, tiles, done)
             windows, tiles = [], []
         read = i + 1
-        bar.row_read(len(rows) - read)
         finish_ready()  # rows whose windows were all skipped, or all delivered already
     run.submit(windows, tiles, done)
     run.drain()
