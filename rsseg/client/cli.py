@@ -28,10 +28,10 @@ import rasterio
 from rasterio.errors import RasterioError
 
 from rsseg.client.leftovers import remove_stale_temps
-from rsseg.client.scene import MODES, gdal_cause, segment_scene
+from rsseg.client.scene import MODES, segment_scene
 from rsseg.client.triton import SHARED_MEMORY, TritonSegmenter
 from rsseg.client.writer import temp_path
-from rsseg.data.raster import IMAGE_SUFFIXES, raster_info
+from rsseg.data.raster import IMAGE_SUFFIXES, gdal_cause, raster_info
 from rsseg.errors import DataError, UserError
 from rsseg.outputs import OWNER_FILE, claim_output_dir
 from rsseg.serving.triton_models.heads import TTA_MODES
@@ -104,9 +104,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    # GDAL's errors reach the client as exceptions, reported in one line with their cause; rasterio's
-    # INFO echo of each ("GDAL signalled an error") would only be a stray line before it.
-    logging.getLogger("rasterio").setLevel(logging.WARNING)
     args = parse_args(argv)
     with exit_on_signals():
         try:

@@ -50,6 +50,7 @@ from rsseg.client.writer import (
     write_preview,
     write_summary,
 )
+from rsseg.data.raster import gdal_cause
 from rsseg.errors import ConfigError, DataError
 from rsseg.spec import ModelSpec
 
@@ -371,19 +372,6 @@ def _absent_blocks(src: Any, band: int) -> np.ndarray:
         for j in range(cols):
             absent[i, j] = src.get_tag_item(f"BLOCK_OFFSET_{j}_{i}", "TIFF", bidx=band) in (None, "0")
     return absent
-
-
-def gdal_cause(exc: BaseException) -> str:
-    """The innermost GDAL message behind a rasterio error (the real cause, e.g. "TIFFFillTile: Read error
-    at row 512 ... got 79995 bytes, expected 196625"), rather than "Read failed. See previous exception"."""
-    messages, seen, current = [], set(), exc
-    while current is not None and id(current) not in seen:
-        seen.add(id(current))
-        text = str(current).strip()
-        if text and "see previous exception" not in text.lower():
-            messages.append(text.splitlines()[0])
-        current = current.__cause__ or current.__context__
-    return (messages[-1] if messages else type(exc).__name__)[:300]
 
 
 def _rows(plan: list[PlannedWindow]) -> list[list[PlannedWindow]]:
