@@ -104,6 +104,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
+    # GDAL's errors reach the client as exceptions, reported in one line with their cause; rasterio's
+    # INFO echo of each ("GDAL signalled an error", from rasterio._env on open as well as rasterio._err)
+    # would only be a stray line before it.
+    logging.getLogger("rasterio").setLevel(logging.WARNING)
     args = parse_args(argv)
     with exit_on_signals():
         try:
