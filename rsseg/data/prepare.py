@@ -30,6 +30,7 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window as RioWindow
 from tqdm import tqdm
 
+from rsseg import faults
 from rsseg.data.masks import (
     binarize_rgb,
     colormap_lut,
@@ -596,6 +597,7 @@ def _scan(
                     for i in range(len(bands)):
                         scan.band_hist[i] += np.bincount(data[i].ravel(), minlength=nvalues)
             _scan_masks(scene, infos, pal, unknown_colors, ignore_index, scan)
+            faults.point("prepare-scanning")
     if nodata is not None and 0 <= nodata < nvalues:
         scan.band_hist[:, nodata] = 0  # nodata pixels are not part of the imagery's statistics
     return scan
@@ -971,6 +973,7 @@ def _write_output(
         tile_df.to_csv(tmp / "tiles.csv", index=False)
         spec.save(tmp / "dataset_spec.json")
         (tmp / "stats.json").write_text(json.dumps(stats, indent=2) + "\n")
+        faults.point("prepare-filled")
 
     try:
         return replace_output_dir(out, fill, command="prepare", overwrite=overwrite, legacy=LEGACY_OUTPUT)

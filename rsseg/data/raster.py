@@ -21,9 +21,9 @@ IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 
 # Plain PNG/JPEG training images carry no georeferencing; that is expected, not worth a warning.
 warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
-# rasterio echoes every GDAL error as an INFO log line; the error itself reaches the user through the
-# exception (`gdal_cause`), so the echo would only be a stray line before it.
-logging.getLogger("rasterio._err").setLevel(logging.WARNING)
+# rasterio echoes GDAL errors as INFO log lines (from rasterio._err and rasterio._env); the error itself
+# reaches the user through the exception (`gdal_cause`), so the echo would only be a stray line before it.
+logging.getLogger("rasterio").setLevel(logging.WARNING)
 
 
 @dataclass(frozen=True)
