@@ -502,6 +502,17 @@ def test_overwrite_replaces_only_an_earlier_prepare_output(tmp_path):
     assert _hidden(tmp_path) == []
 
 
+def test_out_may_be_a_link_to_a_folder(tmp_path):
+    src = generate_seaice(tmp_path / "seaice", scenes=2, size=64, seed=0)
+    (tmp_path / "disk").mkdir()
+    link = tmp_path / "link"
+    link.symlink_to("disk")
+    prepare_dataset(src, link, tile_size=64, overlap=0, progress=False)
+    prepare_dataset(src, link, tile_size=32, overlap=0, progress=False, overwrite=True)
+    assert link.is_symlink() and owner(tmp_path / "disk") == "prepare" and len(pd.read_csv(link / "tiles.csv")) == 8
+    assert _hidden(tmp_path) == []
+
+
 def _prepare_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "pipelines.prepare", *args], cwd=PROJECT, capture_output=True,
                           text=True, timeout=120)

@@ -148,6 +148,8 @@ def prepare_dataset(
     """
     source = Path(source)
     out = Path(out)
+    if out.is_symlink() and out.is_dir():
+        out = out.resolve()  # write where the link points: a folder can replace a folder, not a link
     _check_params(layout, task, tile_size, overlap, folds, val_fraction, unknown_colors, mask_threshold,
                   ignore_index, classes)
     _check_source(source, out)
@@ -978,8 +980,8 @@ def _write_output(
     try:
         return replace_output_dir(out, fill, command="prepare", overwrite=overwrite, legacy=LEGACY_OUTPUT)
     except OSError as exc:  # disk full, a folder made read-only meanwhile: the temp folder is already gone
-        raise DataError(f"{out}: cannot write the manifest ({exc.strerror or exc}); free space or give another "
-                        "--out (nothing was changed)") from None
+        raise DataError(f"{out}: cannot write the manifest ({exc.strerror or exc}); check free space and "
+                        "permissions, or give another --out (nothing was changed)") from None
 
 
 def _color(value: Any, path: Path, where: str) -> list[int]:
