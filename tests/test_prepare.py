@@ -593,6 +593,11 @@ def _bad_missing(root: Path) -> str:
     return re.escape(str(root)) + ": dataset folder not found"
 
 
+def _bad_source_is_a_file(root: Path) -> str:
+    root.write_text("not a folder")
+    return re.escape(str(root)) + ": is a file, not a folder; give the folder that holds the images and masks"
+
+
 def _bad_empty(root: Path) -> str:
     root.mkdir()
     return re.escape(str(root)) + ": dataset folder is empty"
@@ -717,7 +722,7 @@ def _bad_colour_mask_without_palette(root: Path) -> str:
     return r"1\.png: colour mask .*--palette"
 
 
-BAD = [_bad_missing, _bad_empty, _bad_layout, _bad_image_without_mask, _bad_mask_without_image, _bad_too_small,
+BAD = [_bad_missing, _bad_source_is_a_file, _bad_empty, _bad_layout, _bad_image_without_mask, _bad_mask_without_image, _bad_too_small,
        _bad_size_mismatch, _bad_unreadable, _bad_truncated, _bad_truncated_tiff, _bad_truncated_jpeg, _bad_values,
        _bad_change_sizes, _bad_band_counts, _bad_dtypes, _bad_float, _bad_colour_mask_without_palette,
        _bad_folder_named_like_a_mask, _bad_broken_link, _bad_named_pipe]

@@ -426,9 +426,15 @@ def _check_params(
 
 
 def _check_source(source: Path, out: Path) -> None:
+    if source.exists() and not source.is_dir():
+        raise DataError(f"{source}: is a file, not a folder; give the folder that holds the images and masks")
     if not source.is_dir():
         raise DataError(f"{source}: dataset folder not found; give the folder that holds the images and masks")
-    if not any(source.iterdir()):
+    try:
+        empty = not any(source.iterdir())
+    except OSError as exc:
+        raise DataError(f"{source}: cannot list the dataset folder ({exc.strerror}); check its permissions") from None
+    if empty:
         raise DataError(f"{source}: dataset folder is empty; {_LAYOUT_HELP}")
     src, dst = source.resolve(), out.resolve()
     if dst == src or dst in src.parents:
