@@ -553,6 +553,16 @@ def test_prepare_cli_damaged_raster_is_one_line_with_gdals_cause(tmp_path):
     assert not (tmp_path / "out").exists() and _hidden(tmp_path) == []
 
 
+def test_overwrite_flag_alone_or_with_a_value():
+    from pipelines._cli import parser_for
+    from rsseg.config import PrepareConfig
+
+    parser = parser_for(PrepareConfig, "")
+    assert parser.parse_args(["--overwrite"]).overwrite is True
+    assert parser.parse_args(["--overwrite", "false", "--source", "x"]).overwrite is False  # as MLproject passes it
+    assert parser.parse_args([]).overwrite is False
+
+
 def test_generators_never_replace_a_users_folder(tmp_path):
     user = tmp_path / "user"
     user.mkdir()
