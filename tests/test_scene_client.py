@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import time
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -459,8 +460,14 @@ def test_huge_sparse_scene_reads_only_its_data(tmp_path: Path, caplog: pytest.Lo
         return (tiles[..., :1] % 3).transpose(0, 3, 1, 2)
 
     start = time.perf_counter()
-    summary = segment_scene(path, tmp_path / "huge_map.tif", predict, spec, tile=256, margin=32, progress=False)
-    assert time.perf_counter() - start < 60
+    tracemalloc.start()
+    try:  # requests in flight on other threads: rows must not pile up behind them (20000 px rows, 7.7 MB each)
+        summary = segment_scene(path, tmp_path / "huge_map.tif", predict, spec, tile=256, margin=32,
+                                in_flight=4, progress=False)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.perf_counter() - start < 60 and peak < 150e6, peak
     # windows at stride 192 reading any of the patch's blocks (rows 5888-6399, columns 8960-9727): 4 x 5
     assert summary.windows == 104 * 104 and summary.windows - summary.windows_unread == 4 * 5
     assert summary.windows_skipped == summary.windows - sum(read_windows)

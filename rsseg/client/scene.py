@@ -57,6 +57,7 @@ from rsseg.spec import ModelSpec
 log = logging.getLogger(__name__)
 
 MODES = ("centre", "blend")
+MAX_OPEN_ROWS = 2  # rows of windows read but not yet written, beyond which reading waits for results
 ETA_EVERY_S = 60.0  # log lines with the time left: after the first row of windows, then this often
 # predict(tiles [N, H, W, C] raw, the spec's dtype) -> class maps [N, G, H, W] (centre) or probabilities
 # [N, K, H, W] (blend); a tuple is read as (class_maps, probabilities), like infer_tiles' answer.
@@ -464,6 +465,13 @@ class _Run:
         while self.pending:
             self._collect_oldest()
 
+    def collect(self, wait: bool) -> None:
+        """Deliver the requests that are done, oldest first; with `wait`, at least the oldest one."""
+        if wait and self.pending:
+            self._collect_oldest()
+        while self.pending and self.pending[0][0].done():
+            self._collect_oldest()
+
     def close(self) -> None:
         if self.pool is not None:
             for future, _, _ in self.pending:
@@ -592,7 +600,8 @@ def _stream(rows: list[list[PlannedWindow]], reader: _WindowReader, run: _Run, b
     """Read windows row after row and send those with valid pixels to predict in batches. Batches run
     across row boundaries, so requests keep flowing while a row is finished; a row is finished (stitched
     and written) as soon as it is fully read and its last result has arrived, rows in order. Memory:
-    the rows between the oldest request in flight and the window being read (one or two rows)."""
+    the rows between the oldest request in flight and the window being read (one or two rows; never
+    more than MAX_OPEN_ROWS + 1, however sparse the data)."""
     outstanding = [0] * len(rows)
     read = 0  # rows fully read
     finished = windows_done = 0
@@ -632,6 +641,11 @@ def _stream(rows: list[list[PlannedWindow]], reader: _WindowReader, run: _Run, b
             windows, tiles = [], []
         read = i + 1
         finish_ready()  # rows whose windows were all skipped, or all delivered already
+        # Rows wait for their last result: collect what has come back, and when more than MAX_OPEN_ROWS
+        # rows wait (a batch in flight while many empty rows go by), wait for it.
+        run.collect(wait=False)
+        while read - finished > MAX_OPEN_ROWS and run.pending:
+            run.collect(wait=True)
     run.submit(windows, tiles, done)
     run.drain()
     finish_ready()
