@@ -172,10 +172,10 @@ def _set_png_ihdr(data: bytes, offset: int, raw: bytes) -> bytes:
 
 
 def _png_field(data: bytes, rng: np.random.Generator) -> bytes:
-    field = int(rng.integers(0, 6))
+    field = int(rng.integers(0, 7))
     if field < 2:  # width or height
         return _set_png_ihdr(data, 4 * field, struct.pack(">I", int(rng.choice(HOSTILE))))
-    # bit depth, colour type, compression, filter / interlace
+    # bit depth, colour type, compression, filter, interlace
     return _set_png_ihdr(data, 6 + field, bytes([int(rng.choice([0, 1, 2, 3, 4, 6, 8, 16, 255]))]))
 
 
