@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import glob
 import logging
 import os
 import shutil
@@ -68,7 +69,8 @@ def write_dir_atomically(out: str | Path, fill: Callable[[Path], None]) -> Path:
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    remove_stale_temps(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         fill(tmp)
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it private; the result is an ordinary folder
@@ -79,6 +81,28 @@ def write_dir_atomically(out: str | Path, fill: Callable[[Path], None]) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def remove_stale_temps(out: Path) -> list[Path]:
+    """Remove `.NAME.tmp-PID-*` folders beside `out` left by a writer that was killed (its PID is gone)."""
+    removed = []
+    for tmp in out.parent.glob(f".{glob.escape(out.name)}.tmp-*-*"):
+        pid = tmp.name[len(out.name) + 6:].split("-", 1)[0]
+        if tmp.is_dir() and pid.isdigit() and not pid_alive(int(pid)):
+            shutil.rmtree(tmp, ignore_errors=True)
+            removed.append(tmp)
+            log.info("removed %s, left by an interrupted writer (PID %s)", tmp, pid)
+    return removed
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _umask() -> int:

@@ -81,8 +81,11 @@ def check_output_dir(out: Path, command: str, *, overwrite: bool, flag: str = "-
 def replace_output_dir(out: str | Path, fill: Callable[[Path], None], *, command: str, overwrite: bool,
                        flag: str = "--out", legacy: dict[str, Iterable[str]] | None = None) -> Path:
     """Write a whole folder with `fill(tmp)` and swap it in for `out` (rsseg.atomic), after
-    `check_output_dir`; the folder is marked as `command`'s."""
+    `check_output_dir`; the folder is marked as `command`'s. A link to a folder is followed: the folder
+    it names is replaced, the link stays."""
     out = Path(out)
+    if out.is_symlink() and out.is_dir():
+        out = out.resolve()
     check_output_dir(out, command, overwrite=overwrite, flag=flag, legacy=legacy)
 
     def fill_and_mark(tmp: Path) -> None:
