@@ -80,6 +80,23 @@ def test_bad_out_folders_are_one_line_and_nothing_is_written(tmp_path, capsys):
         f"error: {a_file / 'sub'}: {a_file} is a file, not a folder; give another --out"]
 
 
+def test_unmarked_output_of_an_earlier_client_is_its_own(tmp_path, capsys):
+    """A folder the client wrote before folders had markers is accepted (and marked); one holding a
+    JSON file that is not a scene summary is not."""
+    scene, _ = scene_file(tmp_path / "scene.tif", shape=(64, 64))
+    earlier, other = tmp_path / "earlier", tmp_path / "other"
+    for folder, summary in ((earlier, {"src": "x.tif", "out": "x.classes.tif", "heads": {}, "windows": 1}),
+                            (other, {"name": "my notes"})):
+        folder.mkdir()
+        (folder / "x.classes.tif").write_bytes(b"map")
+        (folder / "x.json").write_text(json.dumps(summary))
+    url = "127.0.0.1:1"
+    assert main([str(scene), "--out", str(earlier), "--url", url, "--retries", "0"]) == 2
+    assert url in capsys.readouterr().err and (earlier / OWNER_FILE).is_file()  # got as far as the server
+    assert main([str(scene), "--out", str(other), "--url", url, "--retries", "0"]) == 2
+    assert "did not write" in capsys.readouterr().err and not (other / OWNER_FILE).exists()
+
+
 def test_leftovers_of_killed_clients_are_removed_and_only_those(tmp_path):
     gone, alive = dead_pid(), os.getpid()
     out = tmp_path / "out"

@@ -33,7 +33,7 @@ from rsseg.client.triton import SHARED_MEMORY, TritonSegmenter
 from rsseg.client.writer import temp_path
 from rsseg.data.raster import IMAGE_SUFFIXES, gdal_cause, raster_info
 from rsseg.errors import DataError, UserError
-from rsseg.outputs import OWNER_FILE, claim_output_dir
+from rsseg.outputs import OWNER_FILE, claim_output_dir, mark
 from rsseg.serving.triton_models.heads import TTA_MODES
 from rsseg.signals import Interrupted, exit_on_signals
 
@@ -126,6 +126,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         try:
             jobs, problems = plan_jobs(args, out)
+            adopt_unmarked_output(out)
             claim_output_dir(out, COMMAND)
             claimed = True
             segmenter = TritonSegmenter(urls, args.model, protocol=args.protocol, max_in_flight=args.max_in_flight,
@@ -226,6 +227,30 @@ def _source(job: Job, out: Path, bands: list[int]) -> Iterator[Path]:
         yield stack_pair(*job.inputs, bands, vrt)
     finally:
         vrt.unlink(missing_ok=True)
+
+
+OUTPUT_KINDS = ("classes.tif", "json", "preview.png", "probabilities.tif")
+
+
+def adopt_unmarked_output(out: Path) -> None:
+    """Mark a folder the client wrote before output folders had markers: nothing in it but files named
+    NAME.classes.tif / .json / .preview.png / .probabilities.tif, and every .json a scene summary."""
+    if not out.is_dir() or out.is_symlink() or (out / OWNER_FILE).exists():
+        return
+    try:
+        entries = list(out.iterdir())
+        if not entries or any(not p.is_file() or not p.name.endswith(tuple(f".{k}" for k in OUTPUT_KINDS))
+                              for p in entries):
+            return
+        summaries = [json.loads(p.read_text()) for p in entries if p.suffix == ".json"]
+    except (OSError, ValueError, UnicodeDecodeError):
+        return
+    if summaries and all(isinstance(d, dict) and {"src", "out", "heads", "windows"} <= d.keys() for d in summaries):
+        try:
+            mark(out, COMMAND)
+        except OSError:
+            return  # claim_output_dir says why in one line
+        log.info("%s: an earlier output of this client (before output folders were marked), marked as such", out)
 
 
 def _missing_folders(out: Path) -> list[Path]:
