@@ -58,7 +58,9 @@ log = logging.getLogger(__name__)
 
 MODES = ("centre", "blend")
 MAX_OPEN_ROWS = 2  # rows of windows read but not yet written, beyond which reading waits for results
-ETA_EVERY_S = 60.0  # log lines with the time left: after the first row of windows, then this often
+# log lines with the time left: once a row of windows is done and ETA_FIRST_S have passed (a scene of a
+# second or two needs none), then every ETA_EVERY_S
+ETA_FIRST_S, ETA_EVERY_S = 2.0, 60.0
 # predict(tiles [N, H, W, C] raw, the spec's dtype) -> class maps [N, G, H, W] (centre) or probabilities
 # [N, K, H, W] (blend); a tuple is read as (class_maps, probabilities), like infer_tiles' answer.
 Predict = Callable[[np.ndarray], "np.ndarray | tuple[np.ndarray, ...]"]
@@ -485,7 +487,7 @@ class _Run:
 
 class _Progress:
     """The progress bar (windows, MPix/s) and, for runs watched through their log, lines with the rate so
-    far and the time left: after the first row of windows, then every ETA_EVERY_S."""
+    far and the time left (ETA_FIRST_S, ETA_EVERY_S)."""
 
     def __init__(self, name: str | Path, total: int, enabled: bool) -> None:
         self.bar = tqdm(total=total, desc="segment", unit="tile", disable=not enabled, file=sys.stderr)
@@ -505,7 +507,8 @@ class _Progress:
         """A row of windows is stitched and written: `windows_done` windows are behind us for good (the
         windows merely read or sent would give too high a rate while the first requests are in flight)."""
         now = time.perf_counter()
-        if not rows_left or (self.logged is not None and now - self.logged < ETA_EVERY_S):
+        wait, since = (ETA_FIRST_S, self.start) if self.logged is None else (ETA_EVERY_S, self.logged)
+        if not rows_left or now - since < wait:
             return
         self.logged = now
         rate = windows_done / max(now - self.start, 1e-9)
