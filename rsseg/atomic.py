@@ -69,7 +69,7 @@ def write_dir_atomically(out: str | Path, fill: Callable[[Path], None]) -> Path:
     """
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    remove_stale_temps(out)
+    remove_stale_temp_dirs(out)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-{os.getpid()}-", dir=out.parent))
     try:
         fill(tmp)
@@ -83,7 +83,7 @@ def write_dir_atomically(out: str | Path, fill: Callable[[Path], None]) -> Path:
     return out
 
 
-def remove_stale_temps(out: Path) -> list[Path]:
+def remove_stale_temp_dirs(out: Path) -> list[Path]:
     """Remove `.NAME.tmp-PID-*` folders beside `out` left by a writer that was killed (its PID is gone)."""
     removed = []
     for tmp in out.parent.glob(f".{glob.escape(out.name)}.tmp-*-*"):

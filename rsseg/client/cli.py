@@ -14,24 +14,24 @@ marker file, rsseg.outputs): a folder holding anything else is refused before an
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import logging
 import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import rasterio
 from rasterio.errors import RasterioError
 
+from rsseg.client.jobs import Job, plan_jobs
 from rsseg.client.leftovers import remove_stale_temps
+from rsseg.client.pairs import stack_pair
 from rsseg.client.scene import MODES, segment_scene
 from rsseg.client.triton import SHARED_MEMORY, TritonSegmenter
 from rsseg.client.writer import temp_path
-from rsseg.data.raster import IMAGE_SUFFIXES, gdal_cause, raster_info
+from rsseg.data.raster import gdal_cause, raster_info
 from rsseg.errors import DataError, UserError
 from rsseg.outputs import OWNER_FILE, claim_output_dir, mark
 from rsseg.serving.triton_models.heads import TTA_MODES
@@ -45,21 +45,6 @@ EXIT_USAGE = 2
 # GDAL's block cache defaults to 5 % of the machine's RAM and fills up on big scenes; the client reads
 # and writes each block about once, so a small cache keeps memory flat whatever the scene size.
 GDAL_CACHE_MB = 128
-
-
-@dataclass(frozen=True)
-class Job:
-    """One scene, or one change pair (before, after), and its outputs' path below --out, without suffix."""
-
-    inputs: tuple[Path, ...]
-    name: Path
-
-    @property
-    def label(self) -> str:
-        return " + ".join(str(p) for p in self.inputs)
-
-    def output(self, out: Path, kind: str) -> Path:
-        return out / self.name.parent / f"{self.name.name}.{kind}"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -125,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
     claimed = False
     try:
         try:
-            jobs, problems = plan_jobs(args, out)
+            jobs, problems = plan_jobs(args.scenes, args.before, args.after, out)
             adopt_unmarked_output(out)
             claim_output_dir(out, COMMAND)
             claimed = True
@@ -299,97 +284,6 @@ def predictor(segmenter: TritonSegmenter, mode: str, probabilities: bool):
     return lambda tiles: segmenter(tiles, outputs)
 
 
-def expand_scenes(patterns: list[str]) -> list[Path]:
-    """Files, folders (their rasters) and glob patterns -> raster paths, in the order given."""
-    scenes: list[Path] = []
-    for pattern in patterns:
-        path = Path(pattern)
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if _is_raster_name(p))
-        elif any(c in pattern for c in "*?["):
-            found = sorted(Path(p) for p in glob.glob(pattern) if _is_raster_name(Path(p)))
-        else:
-            found = [path]
-        if not found:
-            raise DataError(f"{pattern}: no raster found; give GeoTIFF/PNG/JPEG files, a folder or a glob")
-        scenes += found
-    return scenes
-
-
-def _is_raster_name(path: Path) -> bool:
-    """A raster suffix, not hidden (temp files), not a folder (a folder named 99.png is not an image)."""
-    return path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".") and not path.is_dir()
-
-
-def plan_jobs(args: argparse.Namespace, out: Path) -> tuple[list[Job], list[tuple[str, str]]]:
-    """The jobs of this run, and (file, one-line message) for files that cannot make one (a change
-    folder's file without a partner): those count as failed scenes."""
-    if not args.before:
-        return scene_jobs(expand_scenes(args.scenes)), []
-    before, after = Path(args.before), Path(args.after)
-    if before.is_dir() and after.is_dir():
-        return pair_folder_jobs(before, after, out)
-    if before.is_dir() or after.is_dir():
-        folder, other = (before, after) if before.is_dir() else (after, before)
-        raise DataError(f"{folder} is a folder but {other} is not; give --before and --after two files or two "
-                        "folders")
-    return [Job((before, after), Path(f"{before.stem}_{after.stem}"))], []
-
-
-def scene_jobs(scenes: list[Path]) -> list[Job]:
-    """One job per distinct scene, named by its path below the deepest folder all scenes share."""
-    unique: dict[str, Path] = {}
-    for scene in scenes:
-        key = os.path.abspath(scene)
-        if key in unique:
-            log.info("%s: given more than once, segmented once", scene)
-        else:
-            unique[key] = scene
-    if not unique:
-        return []
-    # abspath, not resolve: a symlinked folder keeps the name the user sees
-    common = os.path.commonpath([os.path.dirname(k) for k in unique])
-    jobs, owners = [], {}
-    for key, scene in unique.items():
-        name = Path(os.path.relpath(key, common)).with_suffix("")
-        if name in owners:
-            raise DataError(f"{owners[name]} and {scene} would both write {name}.*; rename one, or segment them "
-                            "into different --out folders")
-        owners[name] = scene
-        jobs.append(Job((scene,), name))
-    return jobs
-
-
-def pair_folder_jobs(before: Path, after: Path, out: Path) -> tuple[list[Job], list[tuple[str, str]]]:
-    """Change pairs of two folders, matched by path below them without suffix (sub/x.tif with
-    sub/x.png); files without a partner, or with two, are listed as problems."""
-    found, problems = [], []
-    for folder in (before, after):
-        rasters, dupes = _rasters_by_key(folder, out)
-        found.append(rasters)
-        problems += [(str(folder / key), f"{folder / key}: {len(paths)} files ({', '.join(p.name for p in paths)}) "
-                      "have this name; keep one") for key, paths in dupes.items()]
-    (b, a), keys = found, sorted(found[0].keys() & found[1].keys())
-    for mine, theirs, other in ((b, a, after), (a, b, before)):
-        problems += [(str(mine[k]), f"{mine[k]}: no {k}.* in {other} to pair it with; add its partner or move "
-                      "it out") for k in sorted(mine.keys() - theirs.keys())]
-    if not keys and not problems:
-        raise DataError(f"{before} and {after}: no raster found; give folders of GeoTIFF/PNG/JPEG files")
-    return [Job((b[k], a[k]), Path(k)) for k in keys], problems
-
-
-def _rasters_by_key(folder: Path, out: Path) -> tuple[dict[str, Path], dict[str, list[Path]]]:
-    """Rasters under `folder` by path without suffix (outputs under `out` excluded), and names held by
-    several files."""
-    by_key: dict[str, list[Path]] = {}
-    skip = os.path.abspath(out) + os.sep
-    for path in sorted(folder.rglob("*")):
-        if _is_raster_name(path) and not (os.path.abspath(path) + os.sep).startswith(skip):
-            by_key.setdefault(path.relative_to(folder).with_suffix("").as_posix(), []).append(path)
-    return ({k: v[0] for k, v in by_key.items() if len(v) == 1},
-            {k: v for k, v in by_key.items() if len(v) > 1})
-
-
 def check_task(jobs: list[Job], segmenter: TritonSegmenter) -> None:
     """Refuse, before any tile is sent, scenes for a change model or pairs for a single-date one."""
     task = segmenter.spec.dataset.task
@@ -417,42 +311,3 @@ def check_scene(path: Path, segmenter: TritonSegmenter, bands: list[int] | None)
                         "convert the scene (e.g. gdal_translate -ot) or serve a model trained on this dtype")
 
 
-def grid_differences(a: rasterio.DatasetReader, b: rasterio.DatasetReader) -> list[str]:
-    """What differs between two rasters' grids, each as "what A vs B" (transforms in GDAL's order)."""
-    differences = []
-    if (a.width, a.height) != (b.width, b.height):
-        differences.append(f"size {a.width}x{a.height} vs {b.width}x{b.height}")
-    if a.crs != b.crs:
-        differences.append(f"CRS {a.crs.to_string() if a.crs else 'none'} vs {b.crs.to_string() if b.crs else 'none'}")
-    if a.transform != b.transform:
-        differences.append(f"transform {a.transform.to_gdal()} vs {b.transform.to_gdal()}")
-    return differences
-
-
-def stack_pair(before: Path, after: Path, bands: list[int], vrt: Path) -> Path:
-    """A VRT whose bands are `bands` of `before` then of `after`: one raster, read by the same windows."""
-    with rasterio.open(before) as a, rasterio.open(after) as b:
-        differences = grid_differences(a, b)
-        if differences:
-            raise DataError(f"{before} and {after} are not on the same grid ({'; '.join(differences)}); reproject "
-                            "one onto the other first")
-        for path, src in ((before, a), (after, b)):
-            if max(bands) > src.count:
-                raise DataError(f"{path}: has {src.count} band(s), needs {bands}; choose bands with --bands")
-        dtype = {"uint8": "Byte", "uint16": "UInt16"}.get(a.dtypes[0], a.dtypes[0])
-        parts = []
-        for path, src in ((before, a), (after, b)):
-            for band in bands:
-                parts.append(
-                    f'<VRTRasterBand dataType="{dtype}" band="{len(parts) + 1}"><SimpleSource>'
-                    f'<SourceFilename relativeToVRT="0">{Path(path).resolve()}</SourceFilename>'
-                    f"<SourceBand>{band}</SourceBand></SimpleSource></VRTRasterBand>")
-        geo = ", ".join(repr(v) for v in a.transform.to_gdal())
-        crs = f"<SRS>{a.crs.to_wkt()}</SRS>" if a.crs else ""
-        nodata = a.nodata
-    text = (f'<VRTDataset rasterXSize="{a.width}" rasterYSize="{a.height}">{crs}'
-            f"<GeoTransform>{geo}</GeoTransform>{''.join(parts)}</VRTDataset>")
-    if nodata is not None:
-        text = text.replace("<SimpleSource>", f"<NoDataValue>{nodata}</NoDataValue><SimpleSource>")
-    vrt.write_text(text)
-    return vrt

@@ -14,6 +14,8 @@ import re
 from collections.abc import Callable
 from pathlib import Path
 
+from rsseg.atomic import pid_alive
+
 log = logging.getLogger(__name__)
 
 SHM_DIR = Path("/dev/shm")
@@ -26,15 +28,7 @@ _SHM_NAME = re.compile(r"^rsseg-(?P<pid>\d+)-[0-9a-f]+-\d+-(?:input|output)$")
 
 def pid_gone(pid: int) -> bool:
     """Whether no process `pid` runs on this machine (this process and other users' count as running)."""
-    if pid == os.getpid():
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return pid != os.getpid() and not pid_alive(pid)
 
 
 def remove_stale_temps(folder: Path, *, own: bool = False) -> list[Path]:
