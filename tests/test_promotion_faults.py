@@ -244,3 +244,18 @@ def _run_promotion_to(registry, index: int) -> subprocess.CompletedProcess:
     env = {**registry["env"], "PYTHONPATH": str(PROJECT)}
     return subprocess.run(_promote_command(registry), cwd=registry["root"], env=env, capture_output=True,
                           text=True, timeout=300)
+
+
+def test_a_folder_that_is_not_a_model_repository_is_refused(tmp_path):
+    """`--repo ~` must not copy and swap someone's home folder: one line, nothing touched."""
+    from rsseg.errors import ConfigError
+    from rsseg.serving.transaction import RepositoryChange
+
+    home = tmp_path / "home"
+    (home / "photos").mkdir(parents=True)
+    (home / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="is not a Triton model repository"):
+        with RepositoryChange(home):
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]
+    assert (home / "notes.txt").read_text() == "mine"

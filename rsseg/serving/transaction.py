@@ -26,6 +26,7 @@ from types import TracebackType
 
 from rsseg import faults
 from rsseg.atomic import exchange, write_text_atomically
+from rsseg.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,7 @@ class RepositoryChange:
         return self.work / "repo"
 
     def __enter__(self) -> RepositoryChange:
+        check_repository(self.repo)  # before anything is created beside it
         self.repo.parent.mkdir(parents=True, exist_ok=True)
         self._lock = os.open(self.repo.parent / f".{self.repo.name}.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -100,6 +102,22 @@ class RepositoryChange:
         if self._lock is not None:
             os.close(self._lock)  # closing releases the flock
             self._lock = None
+
+
+def check_repository(repo: Path) -> None:
+    """Refuse a path that is not (or not yet) a Triton model repository: promotion copies and swaps the
+    whole folder, and must never do that to someone's home or data folder."""
+    if repo.exists() and not repo.is_dir():
+        raise ConfigError(f"{repo}: is a file; give a Triton model repository folder (or a new one) for --repo")
+    if not repo.is_dir():
+        return
+    foreign = [p.name for p in repo.iterdir()
+               if not p.name.startswith(".") and p.name != "README.md"
+               and not (p.is_dir() and (p / "config.pbtxt").is_file())]
+    if foreign:
+        raise ConfigError(f"{repo}: is not a Triton model repository (it holds {', '.join(sorted(foreign)[:3])}"
+                          f"{' ...' if len(foreign) > 3 else ''}); give a new folder, or one that promotion wrote, "
+                          "for --repo")
 
 
 def recover(repo: Path) -> list[str]:
