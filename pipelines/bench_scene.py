@@ -8,7 +8,7 @@ import argparse
 import json
 
 from pipelines._cli import run
-from rsseg.bench import scene_benchmark
+from rsseg.bench.scene import scene_benchmark
 
 
 def main(argv: list[str] | None = None) -> int:

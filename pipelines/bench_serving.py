@@ -7,7 +7,7 @@ import argparse
 import json
 
 from pipelines._cli import run
-from rsseg.bench import serving_benchmark
+from rsseg.bench.serving import serving_benchmark
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -8,7 +8,7 @@ import json
 
 from pipelines._cli import run
 from rsseg import tracking
-from rsseg.bench import RECIPES, baselines, benchmark_config, prepare_benchmark
+from rsseg.bench.datasets import RECIPES, baselines, benchmark_config, prepare_benchmark
 from rsseg.training import train
 
 

@@ -1,172 +1,15 @@
-"""Training benchmarks on the real datasets in ../shared/data: a fixed wall-clock budget per dataset,
-then the validation headline metric next to the trivial baselines it must beat."""
+"""Scene throughput: a generated scene end to end through a real `clients/segment.py` and Triton,
+beside ONNX Runtime in process and a PyTorch eager loop."""
 
 from __future__ import annotations
 
 import json
-import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from rsseg.config import TrainConfig
-from rsseg.data.datasets import PreparedData
-from rsseg.data.prepare import prepare_dataset
-from rsseg.errors import DataError
-from rsseg.training import TrainResult
-
-log = logging.getLogger(__name__)
-
-SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """How one real dataset is prepared and trained for the benchmark."""
-
-    folder: str
-    prepare: dict[str, Any]
-    train: dict[str, Any] = field(default_factory=dict)
-
-
-RECIPES = {
-    # 400x400 aerial images, anti-aliased grey masks: road = value >= 128.
-    "roads": Recipe("roads", {"layout": "pairs", "mask_threshold": 128, "tile_size": 256, "overlap": 112,
-                              "classes": ["background", "road"], "val_fraction": 0.15}),
-    # Colour-coded land cover, 509..1100 px JPEGs; black slivers and "unlabeled" are ignored.
-    "dubai": Recipe("dubai_landcover", {"layout": "palette", "palette": "dubai", "tile_size": 256, "overlap": 32,
-                                        "val_fraction": 0.15}),
-    # LEVIR-CD 256x256 triplets: binary change.
-    "levir": Recipe("levir_cd", {"layout": "change", "tile_size": 128, "overlap": 0, "val_fraction": 0.3}),
-}
-
-
-def prepare_benchmark(name: str, data_root: Path = SHARED_DATA, out_root: Path = Path("data/prepared")) -> PreparedData:
-    recipe = RECIPES[name]
-    source = data_root / recipe.folder
-    if not source.is_dir():
-        raise DataError(f"{source}: benchmark data not found; the benchmarks need ../shared/data beside the project")
-    out = out_root / f"bench-{name}"
-    prepare_dataset(source, out, name=f"bench-{name}", progress=False, overwrite=True, **recipe.prepare)
-    return PreparedData.load(out)
-
-
-def benchmark_config(name: str, data: Path, budget: float) -> TrainConfig:
-    # Epochs only bound the schedule; the wall-clock budget stops training.
-    return TrainConfig(data=str(data), epochs=200, restart_epochs=200, time_budget=budget, register=False,
-                       **RECIPES[name].train)
-
-
-def baselines(result: TrainResult) -> dict[str, float]:
-    """Headline metric of constant predictions on the same validation pixels.
-
-    Binary and change: predicting the positive class everywhere gives IoU = its share p and F1 = 2p/(1+p);
-    predicting none gives 0. Multiclass: the majority class everywhere gives IoU = its share for that
-    class and 0 for the others (mIoU over the classes present).
-    """
-    counts = np.asarray(result.confusion, dtype=np.float64).sum(axis=1)  # reference pixels per class
-    total = counts.sum()
-    if total == 0:
-        return {}
-    task = result.spec.dataset.task
-    if task in ("binary", "change"):
-        share = counts[1] / total
-        f1 = "f1" in result.spec.dataset.headline_metric
-        return {"all_positive": float(2 * share / (1 + share) if f1 else share), "all_negative": 0.0}
-    present = counts > 0
-    return {"majority_class": float(counts.max() / total / present.sum())}
-
-
-def serving_benchmark(*, tile_size: int = 512, tiles: int = 16, batch: int = 4, concurrency: int = 2,
-                      encoder: str = "tf_efficientnet_lite3") -> dict[str, Any]:
-    """Tiles/s of the seed UNet through the Triton ensemble (gRPC) and through ONNX Runtime in one
-    process, on the same raw tiles, doing the same work (normalise, model, argmax).
-
-    The model is random-init (speed does not depend on the weights) and is served from a temporary
-    repository written by the promotion code, so no registry is needed.
-    """
-    import tempfile
-    import time
-
-    import tritonclient.grpc as grpcclient
-
-    from rsseg.client.triton import TRITON_DTYPES
-    from rsseg.data.transforms import normalize
-    from rsseg.export.onnx import export_onnx, onnx_session
-    from rsseg.promotion import sample_tile
-    from rsseg.serving.client import connect, served_spec
-    from rsseg.serving.repository import ServingOptions, stage_promotion
-    from rsseg.serving.server import TritonServer
-    from rsseg.spec import DatasetSpec, default_colors
-    from rsseg.training import build_model
-
-    dataset = DatasetSpec(name="benchmark", task="binary", classes=["background", "target"],
-                          colors=default_colors(2), bands=[1, 2, 3])
-    model, spec = build_model(TrainConfig(encoder=encoder), dataset, tile_size)
-    raw = np.stack([sample_tile(spec, tile_size, seed=i) for i in range(tiles)])
-    batches = [raw[i : i + batch] for i in range(0, tiles, batch)]
-    result: dict[str, Any] = {"tile_size": tile_size, "tiles": tiles, "batch": batch, "concurrency": concurrency,
-                              "encoder": encoder}
-    with tempfile.TemporaryDirectory(prefix="rsseg-bench-") as tmp:
-        onnx_path = export_onnx(model, spec, Path(tmp) / "model.onnx")
-        session = onnx_session(onnx_path)
-        name = session.get_inputs()[0].name
-
-        def ort_batch(tiles_hwc: np.ndarray) -> np.ndarray:
-            x = np.stack([normalize(t, spec.dataset) for t in tiles_hwc])
-            return session.run(None, {name: x})[0].argmax(axis=1).astype(np.uint8)
-
-        ort_batch(batches[0])  # warm-up
-        start = time.perf_counter()
-        for b in batches:
-            ort_batch(b)
-        result["onnxruntime_tiles_per_s"] = tiles / (time.perf_counter() - start)
-
-        repo = Path(tmp) / "repo"
-        stage_promotion(Path(tmp) / "none", repo, "bench", spec, onnx_path,
-                        ServingOptions(max_batch_size=batch * concurrency), {"benchmark": True})
-        with TritonServer(repo) as server:
-            server.wait_model_ready("bench")
-            with connect(server.grpc_url) as probe:
-                limit = served_spec(probe, "bench")["triton"]["max_message_bytes"]
-            with connect(server.grpc_url, limit) as client:
-                def request(b: np.ndarray) -> grpcclient.InferInput:
-                    tensor = grpcclient.InferInput("TILES", list(b.shape), TRITON_DTYPES[str(b.dtype)])
-                    tensor.set_data_from_numpy(b)
-                    return tensor
-
-                # A segmentation client asks for the class map only.
-                client.infer("bench", [request(batches[0])], outputs=[grpcclient.InferRequestedOutput("CLASS_MAP")])
-                start = time.perf_counter()
-                _infer_with_concurrency(client, "bench", [request(b) for b in batches], concurrency)
-                result["triton_tiles_per_s"] = tiles / (time.perf_counter() - start)
-    result["ratio_triton_to_onnxruntime"] = result["triton_tiles_per_s"] / result["onnxruntime_tiles_per_s"]
-    megapixels = tile_size * tile_size / 1e6
-    result["triton_megapixels_per_s"] = result["triton_tiles_per_s"] * megapixels
-    result["onnxruntime_megapixels_per_s"] = result["onnxruntime_tiles_per_s"] * megapixels
-    return {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}
-
-
-def _infer_with_concurrency(client: Any, model: str, requests: list[Any], concurrency: int) -> None:
-    """Keep `concurrency` requests in flight until all are answered; raise the first error."""
-    import queue
-
-    import tritonclient.grpc as grpcclient
-
-    done: queue.Queue = queue.Queue()
-    pending = list(requests)
-    in_flight = 0
-    while pending or in_flight:
-        while pending and in_flight < concurrency:
-            client.async_infer(model, [pending.pop(0)], callback=lambda result, error: done.put(error),
-                               outputs=[grpcclient.InferRequestedOutput("CLASS_MAP")])
-            in_flight += 1
-        error = done.get(timeout=600)
-        in_flight -= 1
-        if error is not None:
-            raise error
 
 
 def write_large_scene(path: Path, size: int, block: int = 1024, seed: int = 0) -> Path:
@@ -254,7 +97,7 @@ def scene_benchmark(*, size: int = 8192, tile: int = 512, margin: int = 32, batc
                         ServingOptions(max_batch_size=batch * max_in_flight), {"benchmark": True})
         with TritonServer(repo) as server:
             server.wait_model_ready("bench")
-            client = Path(__file__).resolve().parent.parent / "clients" / "segment.py"
+            client = Path(__file__).resolve().parents[2] / "clients" / "segment.py"
             start = time.perf_counter()
             done = subprocess.run([sys.executable, str(client), str(scene), "--out", str(tmp_path / "out"),
                                    "--url", server.grpc_url, "--tile", str(tile), "--margin", str(margin),
