@@ -51,7 +51,10 @@ class TrainConfig:
     weight_decay: float = _opt(1e-4, "weight decay")
     optimizer: str = _opt("adamw", "optimizer", ("adamw", "sgd"))
     momentum: float = _opt(0.9, "SGD momentum")
-    scheduler: str = _opt("cosine_restarts", "learning-rate schedule", ("cosine_restarts", "constant"))
+    scheduler: str = _opt("cosine", "learning-rate schedule: cosine = linear warm-up, then cosine decay to 1 % at the "
+                          "end of training (the time budget when set, else the last epoch)",
+                          ("cosine", "cosine_restarts", "constant"))
+    warmup: float = _opt(0.03, "share of training spent warming the learning rate up (cosine)")
     restart_epochs: int = _opt(10, "CosineAnnealingWarmRestarts T_0 in epochs")
     restart_mult: int = _opt(1, "CosineAnnealingWarmRestarts T_mult")
     ce_weight: float = _opt(1.0, "weight of softmax cross-entropy in the loss")
@@ -59,13 +62,21 @@ class TrainConfig:
     label_smoothing: float = _opt(0.0, "cross-entropy label smoothing")
     class_weights: str = _opt("", "comma-separated cross-entropy class weights; empty: none")
     augment: str = _opt("hflip,rot90", "comma-separated augmentations (hflip, vflip, rot90, transpose; none)")
+    sampling: str = _opt("random", "training windows: random positions anywhere in the training scenes, new each "
+                         "epoch, or the prepared tile grid", ("random", "grid"))
+    crop_size: int = _opt(0, "size of the random training windows (0: the prepared tile size)")
     normalization: str = _opt("spec", "per-band mean/std: the spec's (127.5/31.875) or measured", ("spec", "dataset"))
-    precision: str = _opt("fp32", "fp32, or bf16 autocast (opt-in; the seed warns against half precision)", ("fp32", "bf16"))
+    precision: str = _opt("auto", "bf16 autocast, fp32, or auto: bf16 where the device computes it natively (CPUs "
+                          "with AVX-512 BF16 or AMX, CUDA devices with bf16), else fp32", ("auto", "fp32", "bf16"))
+    channels_last: bool = _opt(True, "channels-last memory format (faster convolutions on CPU and GPU)")
+    ema_decay: float = _opt(0.995, "exponential moving average of the weights, validated and registered; 0: off")
     seed: int = _opt(0, "random seed")
     workers: int = _opt(0, "data-loading worker processes")
     max_train_tiles: int = _opt(0, "use at most this many training tiles per epoch (0: all)")
     max_val_tiles: int = _opt(0, "validate on at most this many tiles (0: all)")
     time_budget: float = _opt(0.0, "stop training after this many seconds, then validate and register (0: none)")
+    validations: int = _opt(4, "under a time budget: validations spread over it (the last at its end); without a "
+                            "budget every epoch is validated")
     device: str = _opt("auto", "auto, cpu or cuda")
     model_name: str = _opt("", "registered model name; empty: the task's default (rsseg-binary, ...)")
     register: bool = _opt(True, "register the best epoch as a new model version")

@@ -6,7 +6,6 @@ No MLflow here: progress and results leave through `EpochCallback`, so the loop 
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -26,13 +25,20 @@ from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
 from rsseg.config import TrainConfig, split_list
-from rsseg.data.datasets import PreparedData, TileDataset
+from rsseg.data.datasets import PreparedData, RandomWindowDataset, TileDataset
 from rsseg.data.transforms import augmentation_to_dict, build_augmentation
 from rsseg.errors import ConfigError
-from rsseg.inference import class_maps
+from rsseg.evaluation import Evaluator
 from rsseg.losses import build_loss
-from rsseg.metrics import ChangeMetrics, ConfusionMatrix, binary_metrics
 from rsseg.models import create_model
+from rsseg.optim import (
+    WeightAverage,
+    build_optimizer,
+    build_scheduler,
+    cosine_factor,
+    resolve_precision,
+    set_lr,
+)
 from rsseg.spec import DatasetSpec, ModelSpec, output_groups_for
 
 log = logging.getLogger(__name__)
@@ -64,70 +70,37 @@ class TrainResult:
     stopped_by_budget: bool = False
 
 
-class Evaluator:
-    """Accumulates validation metrics for a task; keys are metric names without the 'val_' prefix."""
-
-    def __init__(self, spec: ModelSpec) -> None:
-        self.spec = spec
-        ds = spec.dataset
-        if ds.task == "change":
-            semantic = len(ds.semantic_classes) if ds.has_semantic else None
-            self.change = ChangeMetrics(semantic, ignore_index=ds.ignore_index)
-            self.confusion = ConfusionMatrix(2, ignore_index=ds.ignore_index)
-        else:
-            self.confusion = ConfusionMatrix(ds.num_classes, ignore_index=ds.ignore_index)
-
-    @property
-    def main_group(self) -> str:
-        return "change" if self.spec.dataset.task == "change" else "classes"
-
-    @property
-    def class_names(self) -> list[str]:
-        return ["unchanged", "changed"] if self.spec.dataset.task == "change" else self.spec.dataset.classes
-
-    def update(self, logits: torch.Tensor, targets: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        maps = class_maps(logits, self.spec.outputs)
-        self.confusion.update(maps[self.main_group], targets[self.main_group])
-        if self.spec.dataset.task == "change":
-            kwargs = {}
-            if "semantic_a" in maps:
-                changed = targets["change"] == 1
-                for date in ("a", "b"):
-                    # Full semantic labels (0 = unchanged) for SeK: the dataset ignores unchanged pixels.
-                    full = torch.where(changed, targets[f"semantic_{date}"], torch.zeros_like(changed, dtype=torch.long))
-                    kwargs[f"sem_pred_{date}"] = maps[f"semantic_{date}"]
-                    kwargs[f"sem_target_{date}"] = full
-            self.change.update(maps["change"], targets["change"], **kwargs)
-        return maps
-
-    def compute(self) -> dict[str, float]:
-        if self.spec.dataset.task == "change":
-            return self.change.compute()
-        if self.spec.dataset.task == "binary":
-            return binary_metrics(self.confusion, self.spec.dataset.classes)
-        return self.confusion.compute(self.spec.dataset.classes)
-
-
 def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback | None = None) -> TrainResult:
-    """Train per `config` on a prepared dataset; returns the best epoch's model and its figures."""
+    """Train per `config` on a prepared dataset; returns the best validated weights and their figures
+    (the weight average's when `ema_decay` is set)."""
     distributed = _init_distributed()
     rank = dist.get_rank() if distributed else 0
     device = _device(config.device, distributed)
+    precision = resolve_precision(config.precision, device)
     _seed_everything(config.seed + rank)
 
     dataset_spec = _dataset_spec_for_training(data, config.normalization)
     augmentation = build_augmentation(config.augment)
     train_tiles, val_tiles = data.split_tiles(config.fold)
-    train_set = TileDataset(replace(data, spec=dataset_spec), train_tiles, augmentation)
-    val_set: Any = TileDataset(replace(data, spec=dataset_spec), val_tiles, None)
+    tile_size = int(data.tiles["size"].iloc[0])
+    training_data = replace(data, spec=dataset_spec)
+    if config.sampling == "random":
+        train_set: TileDataset = RandomWindowDataset(training_data, train_tiles, config.crop_size or tile_size,
+                                                     augmentation, seed=config.seed)
+    else:
+        train_set = TileDataset(training_data, train_tiles, augmentation)
+    val_set: Any = TileDataset(training_data, val_tiles, None)
     if config.max_val_tiles and len(val_set) > config.max_val_tiles:
         val_set = Subset(val_set, _spread(len(val_set), config.max_val_tiles))
 
-    model, spec = build_model(config, dataset_spec, tile_size=int(data.tiles["size"].iloc[0]))
+    model, spec = build_model(config, dataset_spec, tile_size=tile_size)
     model.to(device)
+    if config.channels_last:
+        model.to(memory_format=torch.channels_last)
     train_model: torch.nn.Module = model
     if distributed:
         train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    average = WeightAverage(model, config.ema_decay) if config.ema_decay > 0 else None
 
     loss_fn = build_loss(
         spec.outputs,
@@ -137,8 +110,9 @@ def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback |
         class_weights=split_list(config.class_weights, float) or None,
         ignore_index=dataset_spec.ignore_index,
     )
-    optimizer = _optimizer(config, model)
-    scheduler = _scheduler(config, optimizer)
+    optimizer = build_optimizer(config, model)
+    scheduler = build_scheduler(config, optimizer)
+    run = _Progress(config, steps_per_epoch=_steps_per_epoch(len(train_set), config, distributed))
 
     start_epoch, best_value, best_epoch = 1, -math.inf, 0
     best_state: dict[str, torch.Tensor] | None = None
@@ -150,6 +124,10 @@ def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback |
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
+        if average is not None and state.get("average") is not None:
+            average.model.load_state_dict(state["average"])
+            average.updates = int(state.get("average_updates", 0))
+        run.restore(state.get("progress", {}))
         start_epoch, best_value, best_epoch = state["epoch"] + 1, state["best_value"], state["best_epoch"]
         best_state, best, history = state["best_state"], _best_from_checkpoint(state["best"]), state["history"]
         _set_rng_state(state["rng"])
@@ -157,44 +135,54 @@ def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback |
                  spec.dataset.headline_metric, best_value, best_epoch)
 
     headline = spec.dataset.headline_metric
-    started = time.monotonic()
+    log.info("training %s/%s on %s: %s windows of %d, %d per epoch, %s, %s%s, lr %g (%s)", spec.architecture,
+             spec.encoder, data.root, config.sampling, config.crop_size or tile_size, len(train_set), precision,
+             "channels-last" if config.channels_last else "contiguous",
+             f", weight average {config.ema_decay}" if average else "", config.lr, config.scheduler)
     stopped_by_budget = False
     for epoch in range(start_epoch, config.epochs + 1):
         sampler = _train_sampler(train_set, config, epoch, distributed)
+        if isinstance(train_set, RandomWindowDataset):
+            train_set.set_epoch(epoch)
         # Albumentations keeps its own RNG: seed it per epoch (and rank) so runs and resumed runs repeat.
         # With worker processes each worker holds a copy; albumentations offsets them by worker id.
         augmentation.set_random_seed(config.seed * 100_003 + epoch * 101 + rank)
         loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers,
                             drop_last=len(sampler) > config.batch_size, persistent_workers=False)
         train_loss, tiles_per_s, stopped_by_budget = _train_one_epoch(
-            train_model, loader, loss_fn, optimizer, scheduler, device, config, epoch, rank, started
+            train_model, loader, loss_fn, optimizer, scheduler, device, config, epoch, rank, run, precision, average
         )
         if distributed:
             dist.barrier()
-        if rank == 0:
+        last = stopped_by_budget or epoch == config.epochs
+        if rank == 0 and (last or run.validation_due()):
+            evaluated = average.model if average is not None else model
             evaluator = Evaluator(spec)
-            val_loss, overlays = _validate(model, val_set, loss_fn, evaluator, device, config)
+            val_loss, overlays = _validate(evaluated, val_set, loss_fn, evaluator, device, config, precision)
+            run.validated()
             metrics = {f"val_{k}": v for k, v in evaluator.compute().items()}
             metrics.update(train_loss=train_loss, train_tiles_per_s=tiles_per_s, val_loss=val_loss,
-                           lr=optimizer.param_groups[0]["lr"])
+                           lr=optimizer.param_groups[0]["lr"], elapsed_s=run.elapsed())
             history.append({"epoch": epoch, **metrics})
             value = metrics.get(f"val_{headline}", math.nan)
-            log.info("epoch %d: train loss %.4f, val loss %.4f, val %s %.4f (%.1f tiles/s)",
-                     epoch, train_loss, val_loss, headline, value, tiles_per_s)
+            log.info("epoch %d: train loss %.4f, val loss %.4f, val %s %.4f (%.1f tiles/s, %.0f s)",
+                     epoch, train_loss, val_loss, headline, value, tiles_per_s, run.elapsed())
             if best_state is None or (not math.isnan(value) and value > best_value):
                 best_value, best_epoch = value, epoch
-                best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+                best_state = {k: v.detach().cpu().clone() for k, v in evaluated.state_dict().items()}
                 best = {"metrics": metrics, "confusion": evaluator.confusion.matrix.copy(), "overlays": overlays}
-            if on_epoch_end is not None:
-                on_epoch_end(epoch, metrics)
-            if checkpoint_dir is not None:
-                _save_checkpoint(checkpoint_dir / "last.pt", {
-                    "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                    "scheduler": scheduler.state_dict(), "epoch": epoch, "best_value": best_value,
-                    "best_epoch": best_epoch, "best_state": best_state, "best": _best_to_checkpoint(best),
-                    "history": history,
-                    "rng": _rng_state(), "config": config.__dict__,
-                })
+        if rank == 0 and checkpoint_dir is not None:
+            _save_checkpoint(checkpoint_dir / "last.pt", {
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "epoch": epoch, "best_value": best_value,
+                "best_epoch": best_epoch, "best_state": best_state, "best": _best_to_checkpoint(best),
+                "history": history, "progress": run.state(),
+                "average": average.model.state_dict() if average is not None else None,
+                "average_updates": average.updates if average is not None else 0,
+                "rng": _rng_state(), "config": config.__dict__,
+            })
+        if rank == 0 and on_epoch_end is not None and history and history[-1]["epoch"] == epoch:
+            on_epoch_end(epoch, history[-1])
         if stopped_by_budget:
             log.info("time budget of %.0f s reached after epoch %d", config.time_budget, epoch)
             break
@@ -204,7 +192,7 @@ def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback |
     assert best_state is not None or rank != 0
     if best_state is not None:
         model.load_state_dict(best_state)
-    model.cpu().eval()
+    model.to(memory_format=torch.contiguous_format).cpu().eval()
     evaluator = Evaluator(spec)
     return TrainResult(
         model=model, spec=spec, best_epoch=best_epoch, best_metrics=best.get("metrics", {}),
@@ -212,6 +200,52 @@ def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback |
         overlays=best.get("overlays", []), augmentation=augmentation_to_dict(augmentation), history=history,
         stopped_by_budget=stopped_by_budget,
     )
+
+
+class _Progress:
+    """Where a run is: steps taken, seconds spent (across resumes), and when to validate next.
+
+    Under a time budget, progress is elapsed / budget and `validations` are spread evenly over it (an
+    epoch of a large dataset can take minutes: validating after each would eat the budget); without
+    one, progress is steps / (epochs x steps per epoch) and every epoch is validated.
+    """
+
+    def __init__(self, config: TrainConfig, steps_per_epoch: int) -> None:
+        self.config = config
+        self.total_steps = max(1, config.epochs * steps_per_epoch)
+        self.steps = 0
+        self._spent = 0.0  # seconds of earlier sessions (resume)
+        self._started = time.monotonic()
+        self._validations = 0
+
+    def elapsed(self) -> float:
+        return self._spent + time.monotonic() - self._started
+
+    def fraction(self) -> float:
+        if self.config.time_budget:
+            return self.elapsed() / self.config.time_budget
+        return self.steps / self.total_steps
+
+    def over_budget(self) -> bool:
+        return bool(self.config.time_budget) and self.elapsed() > self.config.time_budget
+
+    def validation_due(self) -> bool:
+        if not self.config.time_budget:
+            return True
+        every = 1.0 / max(self.config.validations, 1)
+        return self.fraction() >= (self._validations + 1) * every
+
+    def validated(self) -> None:
+        self._validations += 1
+
+    def state(self) -> dict[str, float]:
+        return {"steps": self.steps, "elapsed": self.elapsed(), "validations": self._validations}
+
+    def restore(self, state: dict[str, float]) -> None:
+        self.steps = int(state.get("steps", 0))
+        self._spent = float(state.get("elapsed", 0.0))
+        self._validations = int(state.get("validations", 0))
+        self._started = time.monotonic()
 
 
 def build_model(config: TrainConfig, dataset: DatasetSpec, tile_size: int) -> tuple[torch.nn.Module, ModelSpec]:
@@ -246,29 +280,36 @@ def _dataset_spec_for_training(data: PreparedData, normalization: str) -> Datase
                    std=[max(float(bands["std"][i]), 1e-6) for i in picked])
 
 
-def _train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, config, epoch, rank, started):
+def _train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, config, epoch, rank, run: _Progress,
+                     precision: str, average: WeightAverage | None):
     model.train()
     total_loss, total_tiles, steps = 0.0, 0, len(loader)
     stopped = False
     epoch_start = time.monotonic()
     bar = tqdm(loader, desc=f"epoch {epoch}/{config.epochs}", unit="batch", disable=rank != 0,
                mininterval=2.0, dynamic_ncols=True)
+    memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     for step, batch in enumerate(bar):
-        images = batch["image"].to(device, non_blocking=True)
+        if config.scheduler == "cosine":
+            set_lr(optimizer, config.lr * cosine_factor(run.fraction(), config.warmup))
+        images = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
         targets = {k: v.to(device, non_blocking=True) for k, v in batch["targets"].items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             logits = model(images)
         loss, _parts = loss_fn(logits.float(), targets)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
+        run.steps += 1
+        if average is not None:
+            average.update(model.module if hasattr(model, "module") else model)
         if config.scheduler == "cosine_restarts":
             scheduler.step(epoch - 1 + (step + 1) / steps)
         total_loss += float(loss.detach()) * images.shape[0]
         total_tiles += images.shape[0]
         elapsed = time.monotonic() - epoch_start
         bar.set_postfix(loss=f"{total_loss / total_tiles:.4f}", tiles_s=f"{total_tiles / elapsed:.2f}")
-        if config.time_budget and time.monotonic() - started > config.time_budget:
+        if run.over_budget():
             stopped = True
             break
     bar.close()
@@ -277,7 +318,7 @@ def _train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, confi
 
 
 @torch.no_grad()
-def _validate(model, val_set, loss_fn, evaluator: Evaluator, device, config: TrainConfig):
+def _validate(model, val_set, loss_fn, evaluator: Evaluator, device, config: TrainConfig, precision: str):
     model.eval()
     loader = DataLoader(val_set, batch_size=config.batch_size, shuffle=False, num_workers=config.workers)
     total_loss, total = 0.0, 0
@@ -285,8 +326,10 @@ def _validate(model, val_set, loss_fn, evaluator: Evaluator, device, config: Tra
     spec = evaluator.spec.dataset
     for batch in tqdm(loader, desc="validate", unit="batch", mininterval=2.0, leave=False, dynamic_ncols=True):
         images = batch["image"].to(device)
+        if config.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)
         targets = {k: v.to(device) for k, v in batch["targets"].items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=config.precision == "bf16"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             logits = model(images)
         logits = logits.float()
         loss, _ = loss_fn(logits, targets)
@@ -330,19 +373,11 @@ def _spread(n: int, k: int) -> list[int]:
     return sorted({int(i) for i in np.linspace(0, n - 1, k)})
 
 
-def _optimizer(config: TrainConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
-    if config.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                               weight_decay=config.weight_decay)
-    return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-
-
-def _scheduler(config: TrainConfig, optimizer: torch.optim.Optimizer):
-    if config.scheduler == "cosine_restarts":
-        return torch.optim.lr_scheduler.CosineAnnealingWarmRestarts(
-            optimizer, T_0=max(config.restart_epochs, 1), T_mult=max(config.restart_mult, 1), eta_min=config.lr * 0.01
-        )
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+def _steps_per_epoch(samples: int, config: TrainConfig, distributed: bool) -> int:
+    per_process = math.ceil(samples / dist.get_world_size()) if distributed else samples
+    if config.max_train_tiles:
+        per_process = min(per_process, config.max_train_tiles)
+    return max(1, per_process // config.batch_size if per_process > config.batch_size else 1)
 
 
 def _device(name: str, distributed: bool) -> torch.device:

@@ -75,8 +75,15 @@ def test_binary_training_learns_and_reports_task_metrics(seaice_prepared, tmp_pa
 def test_resume_continues_where_the_run_stopped(seaice_prepared, tmp_path):
     data = PreparedData.load(seaice_prepared)
     straight = train(tiny_config(seaice_prepared, tmp_path / "a", epochs=2), data)
-    first = train(tiny_config(seaice_prepared, tmp_path / "b", epochs=1), data)
-    assert len(first.history) == 1
+
+    class Interrupted(Exception):
+        pass
+
+    def stop_after_first_epoch(epoch, metrics):  # as a killed run: the epoch's checkpoint is on disk
+        raise Interrupted
+
+    with pytest.raises(Interrupted):
+        train(tiny_config(seaice_prepared, tmp_path / "b", epochs=2), data, on_epoch_end=stop_after_first_epoch)
     resumed = train(tiny_config(seaice_prepared, tmp_path / "c", epochs=2,
                                 resume=str(tmp_path / "b" / "ckpt" / "last.pt")), data)
     assert [h["epoch"] for h in resumed.history] == [1, 2]

@@ -111,8 +111,11 @@ class TileDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         tile = self.tiles.iloc[index]
-        scene = self.scenes.loc[tile["scene"]]
-        window = Window(int(tile["row"]), int(tile["col"]), int(tile["size"]), int(tile["size"]))
+        return self.sample(tile["scene"], Window(int(tile["row"]), int(tile["col"]), int(tile["size"]), int(tile["size"])))
+
+    def sample(self, scene_name: str, window: Window) -> dict:
+        """The (augmented) sample of `window` in scene `scene_name`."""
+        scene = self.scenes.loc[scene_name]
         image = self._image(scene["image"], window)
         raw_mask = self._mask(scene["mask"], window)
         raw_mask_b = None
@@ -128,7 +131,44 @@ class TileDataset(Dataset):
         return {
             "image": torch.from_numpy(normalize(image, self.spec)),
             "targets": {n: torch.from_numpy(np.ascontiguousarray(t).astype(np.int64)) for n, t in targets.items()},
-            "scene": tile["scene"],
+            "scene": scene_name,
             "row": window.row,
             "col": window.col,
         }
+
+
+class RandomWindowDataset(TileDataset):
+    """Windows of `size` at random positions anywhere in the scenes of `tiles`, new ones every epoch.
+
+    A fixed tile grid shows the model the same few crops each epoch (a 400x400 image gives four); random
+    positions show it every shift. Scenes are drawn in proportion to their area. `len()` is the number of
+    grid tiles, so an epoch keeps its size; the windows of (seed, epoch, index) are reproducible, so a
+    resumed run repeats them.
+    """
+
+    def __init__(self, data: PreparedData, tiles: pd.DataFrame, size: int, augmentation: A.Compose | None = None,
+                 seed: int = 0) -> None:
+        super().__init__(data, tiles, augmentation)
+        names = list(dict.fromkeys(self.tiles["scene"]))
+        heights = self.scenes.loc[names, "height"].astype(int).to_numpy()
+        widths = self.scenes.loc[names, "width"].astype(int).to_numpy()
+        if (heights < size).any() or (widths < size).any():
+            small = names[int(np.argmin(np.minimum(heights, widths)))]
+            raise ConfigError(f"crop size {size} is larger than scene {small} of {data.root}; use a smaller crop_size")
+        self.size, self.seed, self.epoch = int(size), int(seed), 0
+        self._names, self._heights, self._widths = names, heights, widths
+        area = heights.astype(np.float64) * widths
+        self._p = area / area.sum()
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def window(self, index: int) -> tuple[str, Window]:
+        rng = np.random.default_rng((self.seed, self.epoch, int(index)))
+        i = int(rng.choice(len(self._names), p=self._p))
+        row = int(rng.integers(0, self._heights[i] - self.size + 1))
+        col = int(rng.integers(0, self._widths[i] - self.size + 1))
+        return self._names[i], Window(row, col, self.size, self.size)
+
+    def __getitem__(self, index: int) -> dict:
+        return self.sample(*self.window(index))
