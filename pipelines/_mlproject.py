@@ -23,6 +23,11 @@ EXTRA = """\
       dataset: {type: string, default: roads}
       budget: {type: float, default: 600}
     command: "python -m pipelines.benchmark --dataset {dataset} --budget {budget}"
+  bench_quality:
+    parameters:
+      dataset: {type: string, default: all}
+      budget: {type: float, default: 600}
+    command: "python -m pipelines.bench_quality --dataset {dataset} --budget {budget}"
   bench_serving:
     parameters:
       tile_size: {type: float, default: 512}

@@ -45,6 +45,7 @@ class TrainConfig:
     encoder: str = _opt("tf_efficientnet_lite3", "timm encoder name")
     encoder_weights: str = _opt("", "local file with pretrained encoder weights (none are downloaded)")
     encoder_depth: int = _opt(4, "encoder stages used by unet-style models (the seed drops the 5th)")
+    model_options: str = _opt("", "more architecture options as key=value pairs, e.g. kernel_size=3,attention=none")
     epochs: int = _opt(20, "number of epochs")
     batch_size: int = _opt(8, "tiles per batch (per process under torchrun)")
     lr: float = _opt(1e-3, "peak learning rate")
@@ -89,6 +90,28 @@ class TrainConfig:
             raise ConfigError(f"epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
+
+
+def parse_options(text: str) -> dict[str, Any]:
+    """"a=1,b=x,c=true" -> {"a": 1, "b": "x", "c": True} (ints, floats, booleans, else strings)."""
+    options: dict[str, Any] = {}
+    for item in (p.strip() for p in text.split(",") if p.strip()):
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"option {item!r} is not key=value (e.g. kernel_size=3)")
+        options[key.strip()] = _scalar(value.strip())
+    return options
+
+
+def _scalar(value: str) -> Any:
+    if value.lower() in ("true", "false"):
+        return value.lower() == "true"
+    for cast in (int, float):
+        try:
+            return cast(value)
+        except ValueError:
+            pass
+    return value
 
 
 def add_arguments(parser: argparse.ArgumentParser, config_cls: type) -> None:

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
-from rsseg.config import TrainConfig, split_list
+from rsseg.config import TrainConfig, parse_options, split_list
 from rsseg.data.datasets import PreparedData, RandomWindowDataset, TileDataset
 from rsseg.data.transforms import augmentation_to_dict, build_augmentation
 from rsseg.errors import ConfigError
@@ -45,8 +45,8 @@ log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
-# Tile sizes a served model may be asked for: the land-cover seed's adaptive menu (512..1024, step 64).
-ADAPTIVE_TILE_SIZES = list(range(512, 1025, 64))
+# The largest window a served model is asked for (the seeds predicted images up to 1024 px whole).
+MAX_TILE_SIZE = 1024
 
 
 @dataclass
@@ -256,15 +256,20 @@ def build_model(config: TrainConfig, dataset: DatasetSpec, tile_size: int) -> tu
     arch_kwargs: dict[str, Any] = {}
     if "unet" in architecture:
         arch_kwargs["encoder_depth"] = config.encoder_depth
-    model = create_model(architecture, config.encoder, in_channels, outputs,
-                         pretrained_path=config.encoder_weights or None, **arch_kwargs)
+    arch_kwargs.update(parse_options(config.model_options))
+    try:
+        model = create_model(architecture, config.encoder, in_channels, outputs,
+                             pretrained_path=config.encoder_weights or None, **arch_kwargs)
+    except TypeError as exc:  # an option the architecture does not take
+        raise ConfigError(f"model_options {config.model_options!r}: {architecture} does not take it ({exc})") from None
     stride = int(model.stride)
     if tile_size % stride:
         raise ConfigError(
             f"tile size {tile_size} of the prepared data is not a multiple of {stride}, the stride of "
             f"{architecture}/{config.encoder}; prepare with --tile-size {tile_size // stride * stride}"
         )
-    sizes = sorted({tile_size, *(s for s in ADAPTIVE_TILE_SIZES if s % stride == 0)})
+    # Every multiple of the stride from the training tile up: a scene that fits one goes in one window.
+    sizes = list(range(tile_size, max(MAX_TILE_SIZE, tile_size) + 1, stride))
     spec = ModelSpec(dataset=dataset, architecture=architecture, encoder=config.encoder, in_channels=in_channels,
                      outputs=outputs, tile_size=tile_size, tile_sizes=sizes, stride=stride)
     return model, spec

@@ -171,13 +171,14 @@ def test_bad_input_size_says_how_to_fix() -> None:
 
 def test_seed_unet_parameter_count() -> None:
     outputs = [OutputGroup("classes", 2)]
-    seed = create_model("unet", "tf_efficientnet_lite3", 3, outputs, trim_encoder=False)
+    seed = create_model("unet", "tf_efficientnet_lite3", 3, outputs, trim_encoder=False,
+                        decoder_block="inverted_residual")
     n = sum(p.numel() for p in seed.parameters())
     assert seed.stride == 16
     assert seed.encoder.feature_info.reduction() == [2, 4, 8, 16]
     assert abs(n - 7.0e6) <= 0.15 * 7.0e6, n
     # trimming drops the encoder blocks after the deepest used level: far fewer parameters, same logits
-    trimmed = create_model("unet", "tf_efficientnet_lite3", 3, outputs)  # the default
+    trimmed = create_model("unet", "tf_efficientnet_lite3", 3, outputs, decoder_block="inverted_residual")
     assert sum(p.numel() for p in trimmed.parameters()) < 0.4 * n
     trimmed.load_state_dict(seed.state_dict(), strict=False)
     x = torch.randn(1, 3, 64, 64)

@@ -195,7 +195,11 @@ def test_plan_blend_windows_cover_the_scene() -> None:
 
 def test_choose_tile_size() -> None:
     sizes = list(range(512, 1025, 64))
-    assert choose_tile_size(1000, 1000, sizes) == 960  # 40 px left over per side, the least
+    assert choose_tile_size(1000, 1000, sizes) == 1024  # fits one size: one window, the whole scene
+    assert choose_tile_size(400, 400, [256, *sizes], align=16) == 512  # the smallest that holds it
+    assert choose_tile_size(400, 390, range(256, 1025, 16), align=16) == 400  # padded to the stride: 400 x 400
+    assert choose_tile_size(1100, 1100, sizes) == 1024  # too big for one: 1024 leaves the least uncovered
+    assert choose_tile_size(1000, 1100, sizes) == 960  # 40 px left over on the short side, the least
     assert choose_tile_size(2048, 2048, sizes) == 1024  # 512 also divides evenly: ties go to the larger
     assert choose_tile_size(300, 5000, sizes) == 512  # smaller than every size: the smallest, padded
     assert choose_tile_size(600, 5000, [512, 576, 640]) == 576  # only sizes that fit the short side count

@@ -159,3 +159,74 @@ def test_checkpoints_load_with_weights_only(seaice_prepared, tmp_path):
     train(tiny_config(seaice_prepared, tmp_path, epochs=1), data)
     state = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)  # raises on any pickled object
     assert set(state["optimizer"]) == {"state", "param_groups"} and state["best"]["overlays"]
+
+
+def test_random_windows_cover_the_scenes_reproducibly(seaice_prepared):
+    from rsseg.data.datasets import RandomWindowDataset
+
+    data = PreparedData.load(seaice_prepared)
+    train_tiles, _ = data.split_tiles(-1)
+    dataset = RandomWindowDataset(data, train_tiles, 48, seed=3)
+    assert len(dataset) == max(len(train_tiles), dataset.MIN_EPOCH)  # an epoch keeps its size
+    sizes = data.scenes.set_index("scene")
+    dataset.set_epoch(1)
+    first = [dataset.window(i) for i in range(len(dataset))]
+    for scene, w in first:
+        assert 0 <= w.row <= sizes.loc[scene, "height"] - 48 and 0 <= w.col <= sizes.loc[scene, "width"] - 48
+    assert len({(w.row, w.col) for _, w in first}) > len(first) // 2  # not a grid: positions vary
+    assert [dataset.window(i) for i in range(len(dataset))] == first  # reproducible (resume repeats it)
+    dataset.set_epoch(2)
+    assert [dataset.window(i) for i in range(len(dataset))] != first  # new windows every epoch
+    sample = dataset[0]
+    assert sample["image"].shape == (3, 48, 48) and sample["targets"]["classes"].shape == (48, 48)
+    with pytest.raises(ConfigError, match="crop size 500 is larger than scene"):
+        RandomWindowDataset(data, train_tiles, 500)
+
+
+def test_cosine_schedule_warms_up_then_decays_to_the_floor():
+    from rsseg.optim import FLOOR, cosine_factor
+
+    assert cosine_factor(0.0, 0.1) == FLOOR and cosine_factor(0.05, 0.1) == pytest.approx(0.5)
+    assert cosine_factor(0.1, 0.1) == pytest.approx(1.0) and cosine_factor(1.0, 0.1) == pytest.approx(FLOOR)
+    after = [cosine_factor(p, 0.1) for p in np.linspace(0.1, 1.0, 50)]
+    assert all(a >= b for a, b in zip(after, after[1:]))  # decays monotonically to the end
+    assert cosine_factor(2.0, 0.1) == pytest.approx(FLOOR)  # past the budget: stays at the floor
+
+
+def test_weight_average_follows_the_weights():
+    from rsseg.optim import WeightAverage
+
+    model = torch.nn.Linear(2, 1)
+    average = WeightAverage(model, decay=0.9)
+    start = model.weight.detach().clone()
+    with torch.no_grad():
+        model.weight.add_(1.0)
+    for _ in range(200):
+        average.update(model)
+    assert torch.allclose(average.model.weight, start + 1.0, atol=1e-6)  # converges to constant weights
+    average = WeightAverage(torch.nn.Linear(2, 1), decay=0.9)
+    source = torch.nn.Linear(2, 1)
+    average.update(source)  # the first updates ramp up: (1 + 1) / (10 + 1) of the old value kept
+    assert not torch.allclose(average.model.weight, source.weight)
+
+
+def test_precision_auto_follows_the_device():
+    from rsseg.optim import resolve_precision
+
+    native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert resolve_precision("auto", torch.device("cpu")) == ("bf16" if native else "fp32")
+    assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
+
+
+def test_budget_run_ends_its_schedule_with_the_budget(seaice_prepared, tmp_path):
+    """Under a time budget the learning rate reaches the floor when the budget ends, validations are
+    spread over it (not one per epoch), and the last one is at the end."""
+    data = PreparedData.load(seaice_prepared)
+    config = tiny_config(seaice_prepared, tmp_path, epochs=10_000, time_budget=6.0, validations=3, lr=1e-3,
+                         warmup=0.1)
+    result = train(config, data)
+    assert result.stopped_by_budget
+    epochs = result.history[-1]["epoch"]
+    assert 2 <= len(result.history) <= 4 < epochs  # validations, not epochs
+    assert result.history[-1]["lr"] <= 0.1 * config.lr  # decayed to (near) the floor at the budget's end
+    assert result.history[-1]["elapsed_s"] >= 6.0

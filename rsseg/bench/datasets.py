@@ -30,15 +30,17 @@ class Recipe:
     train: dict[str, Any] = field(default_factory=dict)
 
 
+# Validation shares: enough held-out scenes for a stable figure (roads 21 of 70 images, Dubai 16 of 54,
+# LEVIR-CD 3 of 7 pairs); both recipes of the quality benchmark train on the rest.
 RECIPES = {
     # 400x400 aerial images, anti-aliased grey masks: road = value >= 128.
     "roads": Recipe("roads", {"layout": "pairs", "mask_threshold": 128, "tile_size": 256, "overlap": 112,
-                              "classes": ["background", "road"], "val_fraction": 0.15}),
+                              "classes": ["background", "road"], "val_fraction": 0.3}),
     # Colour-coded land cover, 509..1100 px JPEGs; black slivers and "unlabeled" are ignored.
     "dubai": Recipe("dubai_landcover", {"layout": "palette", "palette": "dubai", "tile_size": 256, "overlap": 32,
-                                        "val_fraction": 0.15}),
+                                        "val_fraction": 0.3}),
     # LEVIR-CD 256x256 triplets: binary change.
-    "levir": Recipe("levir_cd", {"layout": "change", "tile_size": 128, "overlap": 0, "val_fraction": 0.3}),
+    "levir": Recipe("levir_cd", {"layout": "change", "tile_size": 256, "overlap": 0, "val_fraction": 0.4}),
 }
 
 
@@ -52,10 +54,11 @@ def prepare_benchmark(name: str, data_root: Path = SHARED_DATA, out_root: Path =
     return PreparedData.load(out)
 
 
-def benchmark_config(name: str, data: Path, budget: float) -> TrainConfig:
-    # Epochs only bound the schedule; the wall-clock budget stops training.
-    return TrainConfig(data=str(data), epochs=200, restart_epochs=200, time_budget=budget, register=False,
-                       **RECIPES[name].train)
+def benchmark_config(name: str, data: Path, budget: float, **overrides: Any) -> TrainConfig:
+    """The default recipe with a wall-clock budget (epochs only bound the run; the budget stops it)."""
+    values = {"data": str(data), "epochs": 100_000, "restart_epochs": 200, "time_budget": budget, "register": False,
+              **RECIPES[name].train, **overrides}
+    return TrainConfig(**values)
 
 
 def baselines(result: TrainResult) -> dict[str, float]:

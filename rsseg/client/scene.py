@@ -144,7 +144,8 @@ def segment_scene(
         mode: "centre" (exact stitching) or "blend" (probability blending); see the module docstring.
         margin: centre: pixels dropped on each inner window side; blend: the overlap of neighbours.
             Default: `default_margin`. Must keep window starts on the stride grid.
-        tile: window size, a multiple of spec.stride; default choose_tile_size over spec.tile_sizes.
+        tile: window size, a multiple of spec.stride; default choose_tile_size over spec.tile_sizes (one
+            window for a scene that fits one of them).
         bands: 1-based bands of the file, in model order; default spec.dataset.bands.
         nodata: input value marking missing pixels (all bands equal to it); default the file's nodata,
             else spec.dataset.nodata. Pixels masked by the file's dataset mask / alpha are missing too.
@@ -176,7 +177,7 @@ def segment_scene(
     with src:
         band_list = _check_bands(src, spec, bands)
         height, width, stride = src.height, src.width, int(spec.stride)
-        tile = int(tile or choose_tile_size(height, width, spec.tile_sizes))
+        tile = int(tile or choose_tile_size(height, width, spec.tile_sizes, stride))
         if tile % stride:
             raise ConfigError(f"tile {tile} is not a multiple of the model stride {stride}")
         margin = default_margin(tile, stride, mode) if margin is None else int(margin)

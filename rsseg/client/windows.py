@@ -53,18 +53,25 @@ class _Span:
     keep1: int
 
 
-def choose_tile_size(height: int, width: int, allowed: Sequence[int]) -> int:
-    """The land-cover seed's adaptive tile choice: the allowed size whose whole tiles leave the least area
-    uncovered (height*width minus the area of floor(h/s) x floor(w/s) tiles), ties to the larger size.
+def choose_tile_size(height: int, width: int, allowed: Sequence[int], align: int = 1) -> int:
+    """The window size for a scene.
 
-    Sizes larger than the scene's shorter side are not candidates; a scene smaller than every allowed
-    size gets the smallest one (its single window is padded).
+    A scene that fits in one allowed size (after padding to a multiple of `align`, the model stride) gets
+    the smallest such size: one window, the whole scene at once, as the seeds predicted images up to
+    1024 pixels. A larger scene gets the land-cover seed's adaptive choice: the allowed size whose whole
+    tiles leave the least area uncovered (height*width minus the area of floor(h/s) x floor(w/s) tiles),
+    ties to the larger size; sizes larger than the scene's shorter side are not candidates, and a scene
+    narrower than every allowed size gets the smallest one (padded).
     """
     sizes = sorted({int(s) for s in allowed})
     if not sizes or sizes[0] <= 0:
         raise ValueError(f"allowed tile sizes must be positive, got {list(allowed)}")
     if height <= 0 or width <= 0:
         raise ValueError(f"scene size must be positive, got {height}x{width}")
+    need = max(math.ceil(height / align), math.ceil(width / align)) * align
+    whole = [s for s in sizes if s >= need]
+    if whole:
+        return whole[0]
     fitting = [s for s in sizes if s <= min(height, width)]
     if not fitting:
         return sizes[0]

@@ -142,9 +142,12 @@ class RandomWindowDataset(TileDataset):
 
     A fixed tile grid shows the model the same few crops each epoch (a 400x400 image gives four); random
     positions show it every shift. Scenes are drawn in proportion to their area. `len()` is the number of
-    grid tiles, so an epoch keeps its size; the windows of (seed, epoch, index) are reproducible, so a
-    resumed run repeats them.
+    grid tiles, so an epoch keeps its size, but at least MIN_EPOCH (a dataset of four small images would
+    otherwise spend its time starting epochs); the windows of (seed, epoch, index) are reproducible, so
+    a resumed run repeats them.
     """
+
+    MIN_EPOCH = 128
 
     def __init__(self, data: PreparedData, tiles: pd.DataFrame, size: int, augmentation: A.Compose | None = None,
                  seed: int = 0) -> None:
@@ -162,6 +165,9 @@ class RandomWindowDataset(TileDataset):
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return max(len(self.tiles), self.MIN_EPOCH)
 
     def window(self, index: int) -> tuple[str, Window]:
         rng = np.random.default_rng((self.seed, self.epoch, int(index)))

@@ -38,7 +38,13 @@ from rsseg.data.masks import (
     pack_rgb,
     unpack_rgb,
 )
-from rsseg.data.raster import IMAGE_SUFFIXES, RasterInfo, gdal_cause, not_a_file, raster_info
+from rsseg.data.raster import (
+    IMAGE_SUFFIXES,
+    RasterInfo,
+    gdal_cause,
+    not_a_file,
+    raster_info,
+)
 from rsseg.data.synthetic import GENERATED_MARKER
 from rsseg.data.tiling import grid_windows
 from rsseg.errors import ConfigError, DataError, UserError

@@ -111,9 +111,10 @@ def siamese_unet(
     encoder_depth: int = 4,
     decoder_channels: Sequence[int] | str = DEFAULT_DECODER_CHANNELS,
     attention: str | None = "scse",
-    attention_reduction: int = 1,
+    attention_reduction: int | None = None,
     kernel_size: int = 5,
     expansion: int = 1,
+    decoder_block: str = "conv",
     trim_encoder: bool = True,
     encoder_kwargs: dict[str, Any] | None = None,
 ) -> SiameseUNet:
@@ -133,4 +134,5 @@ def siamese_unet(
     return SiameseUNet(
         enc, in_channels, outputs, decoder_channels,
         kernel_size=kernel_size, expansion=expansion, attention=attention, attention_reduction=attention_reduction,
+        block=decoder_block,
     )

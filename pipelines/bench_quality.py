@@ -1,0 +1,42 @@
+"""Entry point `bench_quality`: our default recipe and a plain segmentation_models.pytorch script, trained
+with the same wall-clock budget on the same scenes of ../shared/data, scored on the same held-out scenes
+(ours through the served tiling); prints one table with both, their difference and the trivial baseline.
+Needs the bench extra (pip install -e .[bench])."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from pipelines._cli import run
+from rsseg.bench.datasets import RECIPES
+from rsseg.bench.quality import format_table, quality_benchmark
+from rsseg.config import parse_options
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--dataset", default="all", choices=[*RECIPES, "all"])
+    parser.add_argument("--budget", type=float, action="append",
+                        help="training seconds per recipe and dataset; repeat for several (default 600)")
+    parser.add_argument("--no-peer", action="store_true", help="train and score our recipe only")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a train parameter of our recipe (e.g. --set ema_decay=0), for ablations; "
+                        "model_options take ';' between their pairs (--set \"model_options=kernel_size=3;attention=none\")")
+    args = parser.parse_args(argv)
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides.update({key: value.replace(";", ",")} if key == "model_options" else parse_options(item))
+    rows = []
+    for budget in args.budget or [600.0]:
+        for name in RECIPES if args.dataset == "all" else [args.dataset]:
+            row = quality_benchmark(name, budget, peer=not args.no_peer, **overrides)
+            print(json.dumps(row), flush=True)
+            rows.append(row)
+    print(format_table(rows), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    run(main)

@@ -1,0 +1,114 @@
+"""Quality per training minute against a peer: our default recipe and a plain segmentation_models.pytorch
+script (rsseg.bench.peer), trained with the same wall-clock budget on the same training scenes, scored
+on the same validation scenes with the same metric code.
+
+Ours is scored the way it is served: exported to ONNX and run through the scene client's tiling and
+stitching (rsseg.evaluation.served_predictor); also each whole image in one pass, to show what the
+tiling costs. The peer predicts each whole image in one pass, as its script does. Beside both: the
+trivial baseline (all positive, or the majority class, on the same pixels).
+"""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rsseg.bench.datasets import benchmark_config, prepare_benchmark
+from rsseg.data.datasets import PreparedData
+from rsseg.evaluation import (
+    OnnxModel,
+    labelled_scenes,
+    scene_targets,
+    score_scenes,
+    served_predictor,
+    whole_image_predictor,
+)
+from rsseg.spec import ModelSpec
+
+log = logging.getLogger(__name__)
+
+
+def quality_benchmark(name: str, budget: float, *, peer: bool = True, **overrides: Any) -> dict[str, Any]:
+    """One row: the headline metric of ours (served path and whole image), of the peer, and the baseline."""
+    from rsseg.bench.peer import peer_predictor, train_peer
+    from rsseg.export.onnx import export_onnx
+    from rsseg.training import train
+
+    logging.getLogger("rsseg.client").setLevel(logging.WARNING)  # one line per scene is noise here
+    data = prepare_benchmark(name)
+    scenes = labelled_scenes(data, "val")
+    config = benchmark_config(name, data.root, budget, **overrides)
+    started = time.monotonic()
+    result = train(config, data)
+    train_s = time.monotonic() - started
+    spec = result.spec
+    metric = spec.dataset.headline_metric
+    with tempfile.TemporaryDirectory(prefix="rsseg-quality-") as tmp:
+        model = OnnxModel(export_onnx(result.model, spec, Path(tmp) / "model.onnx"), spec)
+        served, per_scene = score_scenes(data, spec, scenes, served_predictor(model, data))
+        whole, _ = score_scenes(data, spec, scenes, whole_image_predictor(model, data))
+    row: dict[str, Any] = {
+        "dataset": name, "budget_s": budget, "metric": metric, "train_scenes": len(labelled_scenes(data, "train")),
+        "val_scenes": len(scenes), "ours_served": served[metric], "ours_whole_image": whole[metric],
+        "ours_train_s": round(train_s, 1), "ours_epochs": result.history[-1]["epoch"] if result.history else 0,
+        "ours_tiles_per_s": round(result.history[-1]["train_tiles_per_s"], 2) if result.history else None,
+        "ours_per_class": {k: round(v, 4) for k, v in served.items() if k.startswith("iou_")},
+        "baseline": trivial_baseline(data, spec, scenes),
+        "config": {k: v for k, v in overrides.items()},
+    }
+    if peer:
+        started = time.monotonic()
+        peer_model = train_peer(data, budget, seed=config.seed)
+        row["peer_train_s"] = round(time.monotonic() - started, 1)
+        row["peer_steps"] = getattr(peer_model, "peer_steps", None)
+        peer_scores, _ = score_scenes(data, spec, scenes, peer_predictor(peer_model, data))
+        row["peer"] = peer_scores[metric]
+        row["peer_per_class"] = {k: round(v, 4) for k, v in peer_scores.items() if k.startswith("iou_")}
+        row["ours_minus_peer"] = row["ours_served"] - row["peer"]
+        row["ratio_ours_to_peer"] = row["ours_served"] / row["peer"] if row["peer"] else None
+    row["served_minus_whole_image"] = row["ours_served"] - row["ours_whole_image"]
+    row["worst_scenes"] = [{"scene": r["scene"], metric: r.get(metric)}
+                           for r in sorted(per_scene, key=lambda r: r.get(metric, 0.0))[:3]]
+    return _rounded(row)
+
+
+def trivial_baseline(data: PreparedData, spec: ModelSpec, scenes: list) -> float:
+    """The headline metric of a constant prediction on the validation pixels: all positive (binary IoU,
+    change F1) or the majority class everywhere (mIoU over the classes present)."""
+    group = "change" if spec.dataset.task == "change" else "classes"
+    classes = 2 if spec.dataset.task == "change" else spec.dataset.num_classes
+    counts = np.zeros(classes, dtype=np.int64)
+    for scene in scenes:
+        target = scene_targets(scene, data)[group]
+        counts += np.bincount(target[target != spec.dataset.ignore_index].ravel(), minlength=classes)[:classes]
+    total = counts.sum()
+    if spec.dataset.task in ("binary", "change"):
+        share = counts[1] / total
+        return float(2 * share / (1 + share)) if "f1" in spec.dataset.headline_metric else float(share)
+    return float(counts.max() / total / (counts > 0).sum())
+
+
+def format_table(rows: list[dict[str, Any]]) -> str:
+    header = "| dataset | budget | metric | ours (served) | ours (whole image) | peer (smp script) | ours - peer | baseline |"
+    lines = [header, "|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        peer = f"{r['peer']:.3f}" if "peer" in r else "-"
+        delta = f"{r['ours_minus_peer']:+.3f}" if "ours_minus_peer" in r else "-"
+        lines.append(f"| {r['dataset']} | {r['budget_s']:.0f} s | {r['metric']} | {r['ours_served']:.3f} | "
+                     f"{r['ours_whole_image']:.3f} | {peer} | {delta} | {r['baseline']:.3f} |")
+    return "\n".join(lines)
+
+
+def _rounded(value: Any) -> Any:
+    if isinstance(value, float):
+        return round(value, 4)
+    if isinstance(value, dict):
+        return {k: _rounded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_rounded(v) for v in value]
+    return value
