@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from rsseg.bench.datasets import benchmark_config, prepare_benchmark
+from rsseg.config import TrainConfig
 from rsseg.data.datasets import PreparedData
 from rsseg.evaluation import (
     OnnxModel,
@@ -34,15 +35,24 @@ log = logging.getLogger(__name__)
 
 
 def quality_benchmark(name: str, budget: float, *, peer: bool = True, **overrides: Any) -> dict[str, Any]:
-    """One row: the headline metric of ours (served path and whole image), of the peer, and the baseline."""
+    """One row for a benchmark dataset of ../shared/data (rsseg.bench.datasets.RECIPES)."""
+    logging.getLogger("rsseg.client").setLevel(logging.WARNING)  # one line per scene is noise here
+    data = prepare_benchmark(name)
+    config = benchmark_config(name, data.root, budget, **overrides)
+    return quality_row(name, data, config, peer=peer, overrides=overrides)
+
+
+def quality_row(name: str, data: PreparedData, config: TrainConfig, *, peer: bool = True,
+                overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Train `config` (with its time budget) and, with `peer`, the peer script for the same budget, on the
+    training scenes of `data`; score both on its validation scenes. The headline metric of ours (served
+    path and whole image), of the peer, and the trivial baseline."""
     from rsseg.bench.peer import peer_predictor, train_peer
     from rsseg.export.onnx import export_onnx
     from rsseg.training import train
 
-    logging.getLogger("rsseg.client").setLevel(logging.WARNING)  # one line per scene is noise here
-    data = prepare_benchmark(name)
+    budget = config.time_budget
     scenes = labelled_scenes(data, "val")
-    config = benchmark_config(name, data.root, budget, **overrides)
     started = time.monotonic()
     result = train(config, data)
     train_s = time.monotonic() - started
@@ -59,7 +69,7 @@ def quality_benchmark(name: str, budget: float, *, peer: bool = True, **override
         "ours_tiles_per_s": round(result.history[-1]["train_tiles_per_s"], 2) if result.history else None,
         "ours_per_class": {k: round(v, 4) for k, v in served.items() if k.startswith("iou_")},
         "baseline": trivial_baseline(data, spec, scenes),
-        "config": {k: v for k, v in overrides.items()},
+        "config": dict(overrides or {}),
     }
     if peer:
         started = time.monotonic()
