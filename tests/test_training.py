@@ -222,11 +222,11 @@ def test_budget_run_ends_its_schedule_with_the_budget(seaice_prepared, tmp_path)
     """Under a time budget the learning rate reaches the floor when the budget ends, validations are
     spread over it (not one per epoch), and the last one is at the end."""
     data = PreparedData.load(seaice_prepared)
-    config = tiny_config(seaice_prepared, tmp_path, epochs=10_000, time_budget=6.0, validations=3, lr=1e-3,
+    config = tiny_config(seaice_prepared, tmp_path, epochs=10_000, time_budget=8.0, validations=2, lr=1e-3,
                          warmup=0.1)
     result = train(config, data)
     assert result.stopped_by_budget
     epochs = result.history[-1]["epoch"]
-    assert 2 <= len(result.history) <= 4 < epochs  # validations, not epochs
+    assert 1 <= len(result.history) <= 3 and len(result.history) < epochs  # validations, not epochs
     assert result.history[-1]["lr"] <= 0.1 * config.lr  # decayed to (near) the floor at the budget's end
-    assert result.history[-1]["elapsed_s"] >= 6.0
+    assert result.history[-1]["elapsed_s"] >= 8.0
