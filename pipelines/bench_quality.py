@@ -7,11 +7,23 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 from pipelines._cli import run
 from rsseg.bench.datasets import RECIPES
 from rsseg.bench.quality import format_table, quality_benchmark
 from rsseg.config import parse_options
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """--set KEY=VALUE items -> train overrides. A list value (augment, model_options) keeps its commas;
+    ';' is accepted in their place."""
+    overrides: dict[str, Any] = {}
+    for item in items:
+        key, _, value = item.partition("=")
+        listed = value.replace(";", ",")
+        overrides.update({key: listed} if "," in listed else parse_options(item))
+    return overrides
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,12 +34,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-peer", action="store_true", help="train and score our recipe only")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a train parameter of our recipe (e.g. --set ema_decay=0), for ablations; "
-                        "model_options take ';' between their pairs (--set \"model_options=kernel_size=3;attention=none\")")
+                        "list values keep their commas (--set augment=hflip,rot90,swap_dates; "
+                        "--set \"model_options=kernel_size=3;attention=none\")")
     args = parser.parse_args(argv)
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        overrides.update({key: value.replace(";", ",")} if key == "model_options" else parse_options(item))
+    overrides = parse_overrides(args.set)
     rows = []
     for budget in args.budget or [600.0]:
         for name in RECIPES if args.dataset == "all" else [args.dataset]:

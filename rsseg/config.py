@@ -41,7 +41,8 @@ class PrepareConfig:
 class TrainConfig:
     data: str = _opt("", "prepared dataset folder; empty: generate and prepare the embedded sea-ice dataset")
     fold: int = _opt(-1, "validation fold (-1: the 9:1 holdout split)")
-    architecture: str = _opt("", "model name in the registry; empty: unet (siamese_unet for change data)")
+    architecture: str = _opt("", "model name in the registry; empty: unet (binary change: both dates' bands stacked; "
+                               "siamese_unet for semantic change data)")
     encoder: str = _opt("tf_efficientnet_lite3", "timm encoder name")
     encoder_weights: str = _opt("", "local file with pretrained encoder weights (none are downloaded)")
     encoder_depth: int = _opt(4, "encoder stages used by unet-style models (the seed drops the 5th)")
@@ -62,7 +63,8 @@ class TrainConfig:
     dice_weight: float = _opt(1.0, "weight of class-wise Dice in the loss")
     label_smoothing: float = _opt(0.0, "cross-entropy label smoothing")
     class_weights: str = _opt("", "comma-separated cross-entropy class weights; empty: none")
-    augment: str = _opt("hflip,rot90", "comma-separated augmentations (hflip, vflip, rot90, transpose; none)")
+    augment: str = _opt("hflip,rot90", "comma-separated augmentations (hflip, vflip, rot90, transpose, swap_dates: binary change "
+                       "pairs also seen as B -> A; none)")
     sampling: str = _opt("random", "training windows: random positions anywhere in the training scenes, new each "
                          "epoch, or the prepared tile grid", ("random", "grid"))
     crop_size: int = _opt(0, "size of the random training windows (0: the prepared tile size)")

@@ -80,7 +80,7 @@ def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback |
     _seed_everything(config.seed + rank)
 
     dataset_spec = _dataset_spec_for_training(data, config.normalization)
-    augmentation = build_augmentation(config.augment)
+    augmentation = build_augmentation(config.augment, dataset_spec)
     train_tiles, val_tiles = data.split_tiles(config.fold)
     tile_size = int(data.tiles["size"].iloc[0])
     training_data = replace(data, spec=dataset_spec)
@@ -250,7 +250,9 @@ class _Progress:
 
 def build_model(config: TrainConfig, dataset: DatasetSpec, tile_size: int) -> tuple[torch.nn.Module, ModelSpec]:
     """The model and its spec for a dataset. Architecture defaults follow the task."""
-    architecture = config.architecture or ("siamese_unet" if dataset.task == "change" else "unet")
+    # Binary change pairs go into one UNet as both dates' bands stacked (early fusion): at equal budget it
+    # beat the siamese UNet on LEVIR-CD (README, Benchmarks); semantic change needs the siamese heads.
+    architecture = config.architecture or ("siamese_unet" if dataset.has_semantic else "unet")
     in_channels = dataset.num_bands * (2 if dataset.task == "change" else 1)
     outputs = output_groups_for(dataset)
     arch_kwargs: dict[str, Any] = {}

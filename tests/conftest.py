@@ -31,6 +31,14 @@ def change_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / "prepared"
 
 
+@pytest.fixture(scope="session")
+def binary_change_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("binary-change")
+    generate_change(root / "source", pairs=4, size=64, seed=3)
+    prepare_dataset(root / "source", root / "prepared", tile_size=64, overlap=0, progress=False)
+    return root / "prepared"
+
+
 @pytest.fixture
 def mlflow_store(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
     """A fresh SQLite tracking store + artifact folder for one test."""

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from pipelines.bench_quality import parse_overrides
 from rsseg.bench.quality import format_table, quality_row, trivial_baseline
 from rsseg.data.datasets import PreparedData
 from rsseg.evaluation import (
@@ -65,6 +66,15 @@ def test_evaluator_from_maps_equals_from_logits(trained):
     a.update(logits, {"classes": target})
     b.update_maps({"classes": logits.argmax(1).numpy()}, {"classes": target.numpy()})
     assert a.compute() == b.compute()
+
+
+def test_benchmark_overrides_keep_list_values_whole():
+    assert parse_overrides(["lr=0.002", "augment=hflip,rot90,swap_dates", "model_options=kernel_size=3;attention=none",
+                            "model_options=decoder_block=inverted_residual", "channels_last=false"]) == {
+        "lr": 0.002, "augment": "hflip,rot90,swap_dates", "model_options": "decoder_block=inverted_residual",
+        "channels_last": False}
+    assert parse_overrides(["model_options=kernel_size=3;attention=none"]) == {
+        "model_options": "kernel_size=3,attention=none"}
 
 
 @pytest.mark.slow

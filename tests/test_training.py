@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 from rsseg.data.datasets import PreparedData, TileDataset
-from rsseg.data.transforms import build_augmentation, normalize
+from rsseg.data.transforms import SwapDates, build_augmentation, normalize
 from rsseg.errors import ConfigError
 from rsseg.training import train
 from tests.conftest import tiny_config
@@ -110,6 +111,30 @@ def test_change_training_with_semantic_heads(change_prepared, tmp_path):
     assert [g.name for g in result.spec.outputs] == ["change", "semantic_a", "semantic_b"]
     for key in ("val_change_iou", "val_change_f1", "val_sek", "val_score"):
         assert key in result.best_metrics
+
+
+def test_binary_change_pairs_train_one_unet_on_both_dates_stacked(binary_change_prepared, tmp_path):
+    """Early fusion by default for binary change (it beat the siamese UNet at equal budget); swapping the
+    dates is an augmentation for exactly these pairs."""
+    data = PreparedData.load(binary_change_prepared)
+    assert data.spec.task == "change" and not data.spec.has_semantic
+    result = train(tiny_config(binary_change_prepared, tmp_path, epochs=1, augment="hflip,swap_dates"), data)
+    assert result.spec.architecture == "unet" and result.spec.in_channels == 6
+    assert [g.name for g in result.spec.outputs] == ["change"]
+    assert "val_change_f1" in result.best_metrics
+    assert "SwapDates" in json.dumps(result.augmentation)
+
+
+def test_swapping_dates_is_refused_where_the_dates_carry_their_own_labels(change_prepared, seaice_prepared, tmp_path):
+    for prepared, kind in ((change_prepared, "semantic change"), (seaice_prepared, "binary")):
+        with pytest.raises(ConfigError, match=f"swap_dates needs binary change pairs; this dataset is {kind}"):
+            train(tiny_config(prepared, tmp_path, epochs=1, augment="swap_dates"), PreparedData.load(prepared))
+
+
+def test_swap_dates_exchanges_the_channel_halves():
+    pair = np.arange(2 * 2 * 6, dtype=np.uint8).reshape(2, 2, 6)
+    swapped = SwapDates(p=1.0)(image=pair)["image"]
+    np.testing.assert_array_equal(swapped, np.concatenate([pair[..., 3:], pair[..., :3]], axis=-1))
 
 
 def test_time_budget_stops_training(seaice_prepared, tmp_path):

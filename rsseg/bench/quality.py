@@ -67,6 +67,9 @@ def quality_row(name: str, data: PreparedData, config: TrainConfig, *, peer: boo
         "val_scenes": len(scenes), "ours_served": served[metric], "ours_whole_image": whole[metric],
         "ours_train_s": round(train_s, 1), "ours_epochs": result.history[-1]["epoch"] if result.history else 0,
         "ours_tiles_per_s": round(result.history[-1]["train_tiles_per_s"], 2) if result.history else None,
+        # Selection among the validated weights uses these same scenes (the peer keeps its last weights):
+        # when the selected epoch is not the last, the figure is slightly optimistic.
+        "ours_selected_epoch": result.best_epoch,
         "ours_per_class": {k: round(v, 4) for k, v in served.items() if k.startswith("iou_")},
         "baseline": trivial_baseline(data, spec, scenes),
         "config": dict(overrides or {}),

@@ -14,6 +14,19 @@ import numpy as np
 from rsseg.errors import ConfigError
 from rsseg.spec import DatasetSpec
 
+class SwapDates(A.ImageOnlyTransform):
+    """Exchange the two dates of a change pair (the first and second half of the channels): "changed" is
+    the same either way, so each pair is also seen as B -> A. Binary change only: semantic maps of the
+    two dates would have to swap with them."""
+
+    def apply(self, img: np.ndarray, **params: Any) -> np.ndarray:
+        half = img.shape[-1] // 2
+        return np.concatenate([img[..., half:], img[..., :half]], axis=-1)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ()
+
+
 # Name -> albumentations transform. Geometric ones only by default: they are safe for every band
 # count and dtype (the seed used HorizontalFlip and RandomRotate90).
 _AUGMENTATIONS = {
@@ -21,16 +34,23 @@ _AUGMENTATIONS = {
     "vflip": lambda: A.VerticalFlip(p=0.5),
     "rot90": lambda: A.RandomRotate90(p=0.5),
     "transpose": lambda: A.Transpose(p=0.5),
+    "swap_dates": lambda: SwapDates(p=0.5),
 }
+DATE_AUGMENTATIONS = ("swap_dates",)  # for binary change pairs only
 DEFAULT_AUGMENTATIONS = "hflip,rot90"
 
 
-def build_augmentation(names: str) -> A.Compose:
-    """`names` is a comma-separated list from `_AUGMENTATIONS` ("" or "none" for no augmentation)."""
+def build_augmentation(names: str, spec: DatasetSpec | None = None) -> A.Compose:
+    """`names` is a comma-separated list from `_AUGMENTATIONS` ("" or "none" for no augmentation); with
+    `spec`, date augmentations are refused unless its data are binary change pairs."""
     wanted = [n.strip() for n in names.split(",") if n.strip() and n.strip() != "none"]
     unknown = [n for n in wanted if n not in _AUGMENTATIONS]
     if unknown:
         raise ConfigError(f"augment: unknown name(s) {', '.join(unknown)}; choose from {', '.join(_AUGMENTATIONS)}")
+    dated = [n for n in wanted if n in DATE_AUGMENTATIONS]
+    if dated and spec is not None and (spec.task != "change" or spec.has_semantic):
+        raise ConfigError(f"augment: {', '.join(dated)} needs binary change pairs; this dataset is "
+                          f"{'semantic change' if spec.task == 'change' else spec.task}")
     return A.Compose([_AUGMENTATIONS[n]() for n in wanted])
 
 
