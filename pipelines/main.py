@@ -10,14 +10,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipelines._cli import parser_for, run
-from pipelines.train import train_and_register
 from rsseg.config import MainConfig, PromoteConfig, TrainConfig, from_args
 from rsseg.data.datasets import PreparedData
 from rsseg.data.defaults import default_dataset
 from rsseg.data.prepare import prepare_dataset
-from rsseg.errors import PromotionRefused
-from rsseg.promotion import promote
-from rsseg.serving.client import ask_server_once
+from rsseg.errors import PromotionRefused, UserError
+from rsseg.promotion import ask_server_once, promote
+from rsseg.tracked_training import train_and_register
 from rsseg.tracking import describe_version
 
 
@@ -32,7 +31,8 @@ def main(argv: list[str] | None = None) -> int:
         data=str(prepared), epochs=config.epochs, encoder=config.encoder, model_name=config.model_name,
         restart_epochs=config.epochs,
     ))
-    assert summary is not None
+    if summary is None:  # only rank 0 registers; main runs as one process
+        raise UserError("main: training registered no version; run main as one process, not under torchrun")
     print(describe_version(summary["model_name"], summary["model_version"]))
     try:
         promoted = promote(PromoteConfig(model_name=summary["model_name"], version=summary["model_version"],

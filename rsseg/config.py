@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rsseg.errors import ConfigError
+from rsseg.spec import DEFAULT_ENCODER
 
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:  # noqa: A002
@@ -43,7 +44,7 @@ class TrainConfig:
     fold: int = _opt(-1, "validation fold (-1: the 9:1 holdout split)")
     architecture: str = _opt("", "model name in the registry; empty: unet (binary change: both dates' bands stacked; "
                                "siamese_unet for semantic change data)")
-    encoder: str = _opt("tf_efficientnet_lite3", "timm encoder name")
+    encoder: str = _opt(DEFAULT_ENCODER, "timm encoder name")
     encoder_weights: str = _opt("", "local file with pretrained encoder weights (none are downloaded)")
     encoder_depth: int = _opt(4, "encoder stages used by unet-style models (the seed drops the 5th)")
     model_options: str = _opt("", "more architecture options as key=value pairs, e.g. kernel_size=3,attention=none")
@@ -159,7 +160,7 @@ class MainConfig:
 
     source: str = _opt("", "dataset folder in one of the seeds' layouts; empty: the generated sea-ice dataset")
     epochs: int = _opt(3, "training epochs (brief, so the job finishes in minutes on a CPU)")
-    encoder: str = _opt("tf_efficientnet_lite3", "timm encoder name")
+    encoder: str = _opt(DEFAULT_ENCODER, "timm encoder name")
     model_name: str = _opt("", "registered model name; empty: the task's default")
     repo: str = _opt("triton_repo", "Triton model repository the new version is promoted into")
 

@@ -21,3 +21,9 @@ class PromotionRefused(UserError):
 
 class ExportError(UserError):
     """A model cannot be exported, or its exported graph does not reproduce the PyTorch model."""
+
+
+def first_line(exc: object, limit: int = 200) -> str:
+    """An exception's first line for a one-line message (its type's name when it has no text)."""
+    text = str(exc).strip()
+    return text.splitlines()[0][:limit] if text else type(exc).__name__

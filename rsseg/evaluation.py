@@ -26,7 +26,8 @@ from rsseg.data.raster import read_window
 from rsseg.data.transforms import normalize
 from rsseg.inference import class_maps
 from rsseg.metrics import ChangeMetrics, ConfusionMatrix, binary_metrics
-from rsseg.serving.triton_models import heads
+from rsseg import heads
+from rsseg.heads import CHANGE, SEMANTIC
 from rsseg.spec import ModelSpec
 
 # A scene predictor: labelled scene -> {output group: HxW class map} at the scene's full size.
@@ -66,13 +67,13 @@ class Evaluator:
         self.confusion.update(maps[self.main_group], targets[self.main_group])
         if self.spec.dataset.task == "change":
             kwargs = {}
-            if "semantic_a" in maps:
-                changed = targets["change"] == 1
+            if SEMANTIC[0] in maps:
+                changed = targets[CHANGE] == 1
                 for date in ("a", "b"):
                     # Full semantic labels (0 = unchanged) for SeK: the dataset ignores unchanged pixels.
                     kwargs[f"sem_pred_{date}"] = maps[f"semantic_{date}"]
                     kwargs[f"sem_target_{date}"] = np.where(changed, targets[f"semantic_{date}"], 0)
-            self.change.update(maps["change"], targets["change"], **kwargs)
+            self.change.update(maps[CHANGE], targets[CHANGE], **kwargs)
 
     def compute(self) -> dict[str, float]:
         if self.spec.dataset.task == "change":

@@ -6,9 +6,11 @@ twin used in training and export checks is rsseg.inference.class_maps; tests com
 
 import numpy as np
 
-# Test-time augmentation the segmenter offers (config parameter or request parameter `tta`).
-TTA_MODES = ("none", "flips", "d4")
-
+# Output group names: a single-date model has one group, CLASSES; a change model has CHANGE and, with
+# semantic change labels, one semantic class map per date.
+CLASSES = "classes"
+CHANGE = "change"
+SEMANTIC = ("semantic_a", "semantic_b")
 
 def split(logits, groups):
     """[N, K, H, W] -> {name: [N, channels, H, W]} for `groups` of (name, channels) in channel order."""
@@ -32,9 +34,9 @@ def class_maps(scores, groups):
     models the semantic maps are 0 ("unchanged") where no change is predicted, as in training."""
     parts = split(scores, groups)
     maps = {name: part.argmax(axis=1) for name, part in parts.items()}
-    if "change" in parts:
-        changed = maps["change"] == 1
-        for name in ("semantic_a", "semantic_b"):
+    if CHANGE in parts:
+        changed = maps[CHANGE] == 1
+        for name in SEMANTIC:
             if name in parts:
                 maps[name] = np.where(changed, parts[name][:, 1:].argmax(axis=1) + 1, 0)
     return np.stack([maps[name] for name, _ in groups], axis=1).astype(np.uint8)

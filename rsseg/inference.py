@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from rsseg.heads import CHANGE, SEMANTIC
 from rsseg.spec import OutputGroup
 
 
@@ -18,9 +19,9 @@ def class_maps(logits: torch.Tensor, groups: list[OutputGroup]) -> dict[str, tor
     no change is predicted and the best land-cover class (index >= 1) where it is, as in SenseEarth."""
     parts = split_outputs(logits, groups)
     maps = {name: part.argmax(dim=1) for name, part in parts.items()}
-    if "change" in parts:
-        changed = maps["change"] == 1
-        for name in ("semantic_a", "semantic_b"):
+    if CHANGE in parts:
+        changed = maps[CHANGE] == 1
+        for name in SEMANTIC:
             if name in parts:
                 best = parts[name][:, 1:].argmax(dim=1) + 1
                 maps[name] = torch.where(changed, best, torch.zeros_like(best))

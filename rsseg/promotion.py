@@ -178,7 +178,7 @@ def _check_and_commit(change: RepositoryChange, name: str, spec: ModelSpec, onnx
 def served_check(repo: Path, name: str, spec: ModelSpec, onnx_path: Path, *,
                  on_spawn: Callable[[int], None] | None = None, log_path: Path | None = None) -> dict[str, Any]:
     """Start Triton on `repo`, send one tile through the ensemble, compare with ONNX Runtime."""
-    from rsseg.serving.client import infer_tiles
+    from rsseg.client.oneshot import infer_tiles
     from rsseg.serving.server import TritonServer
 
     tile = sample_tile(spec)
@@ -193,6 +193,25 @@ def served_check(repo: Path, name: str, spec: ModelSpec, onnx_path: Path, *,
                           f"{(1 - agree) * 100:.3f} % of pixels; the repository was not changed")
     histogram = np.bincount(served[0].ravel(), minlength=spec.outputs[0].channels).tolist()
     return {"tile_shape": list(tile.shape), "pixels_agree": agree, "class_histogram": histogram}
+
+
+def ask_server_once(repo: Path, model: str, tile: np.ndarray) -> str:
+    """Start tritonserver on `repo` (loopback), segment one raw tile, stop; the answer as text."""
+    from rsseg.client.oneshot import connect, infer_tiles, served_spec
+    from rsseg.serving.server import TritonServer
+
+    with TritonServer(repo) as server:
+        server.wait_model_ready(model)
+        with connect(server.grpc_url) as client:
+            served = served_spec(client, model)
+        maps = infer_tiles(server.grpc_url, model, tile[None])[0]
+    lines = [f"tritonserver {server.grpc_url} served {model} v{served['model_version']} "
+             f"(Triton version {served['triton']['version']}) for one {tile.shape[0]}x{tile.shape[1]} tile:"]
+    names = served["dataset"]["classes"] if served["dataset"]["task"] != "change" else ["unchanged", "changed"]
+    counts = np.bincount(maps[0].ravel(), minlength=len(names))
+    total = int(counts.sum())
+    lines += [f"  {name:<12} {int(n):>8} px  {100 * n / total:5.1f} %" for name, n in zip(names, counts, strict=False)]
+    return "\n".join(lines)
 
 
 def sample_tile(spec: ModelSpec, size: int | None = None, seed: int = 0) -> np.ndarray:

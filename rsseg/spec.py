@@ -15,6 +15,7 @@ from typing import Any
 
 from rsseg.atomic import write_text_atomically
 from rsseg.errors import ConfigError
+from rsseg.heads import CHANGE, CLASSES, SEMANTIC
 
 TASKS = ("binary", "multiclass", "change")
 DTYPES = ("uint8", "uint16")
@@ -25,6 +26,8 @@ DEFAULT_MEAN = 127.5
 DEFAULT_STD = 31.875
 DEFAULT_IGNORE_INDEX = 255
 DEFAULT_TILE_SIZE = 512
+# The sea-ice seed's encoder (timm name), the default of every model.
+DEFAULT_ENCODER = "tf_efficientnet_lite3"
 
 # Colours for classes when the dataset gives none (background black, then distinct hues).
 _DEFAULT_COLORS = [
@@ -184,11 +187,11 @@ class ModelSpec:
 def output_groups_for(dataset: DatasetSpec) -> list[OutputGroup]:
     """The model heads a dataset needs: one class map, or change (+ the semantic maps of both dates)."""
     if dataset.task != "change":
-        return [OutputGroup("classes", dataset.num_classes)]
-    groups = [OutputGroup("change", 2)]
+        return [OutputGroup(CLASSES, dataset.num_classes)]
+    groups = [OutputGroup(CHANGE, 2)]
     if dataset.has_semantic:
         k = len(dataset.semantic_classes or [])
-        groups += [OutputGroup("semantic_a", k), OutputGroup("semantic_b", k)]
+        groups += [OutputGroup(name, k) for name in SEMANTIC]
     return groups
 
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from rsseg.config import TrainConfig, parse_options, split_list
 from rsseg.data.datasets import PreparedData, RandomWindowDataset, TileDataset
 from rsseg.data.transforms import augmentation_to_dict, build_augmentation
-from rsseg.errors import ConfigError
+from rsseg.errors import ConfigError, first_line
 from rsseg.evaluation import Evaluator
 from rsseg.losses import build_loss
 from rsseg.models import create_model
@@ -485,7 +485,7 @@ def _load_checkpoint(path: str) -> dict[str, Any]:
         raise ConfigError(f"resume: {path} is not a readable checkpoint ({reason}); give the last.pt of an "
                           "earlier run") from None
     except (RuntimeError, EOFError, ValueError, OSError) as exc:
-        raise ConfigError(f"resume: {path} is not a readable checkpoint ({str(exc).splitlines()[0][:200]}); "
+        raise ConfigError(f"resume: {path} is not a readable checkpoint ({first_line(exc)}); "
                           "give the last.pt of an earlier run") from None
     missing = [k for k in _CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
     if missing:

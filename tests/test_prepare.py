@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 import rasterio
 
+from rsseg.data.layouts import collect_scenes, detect_layout
 from rsseg.data.masks import (
     change_targets,
     decode_mask,
@@ -27,12 +28,8 @@ from rsseg.data.masks import (
     pack_rgb,
     read_mask,
 )
-from rsseg.data.prepare import (
-    collect_scenes,
-    detect_layout,
-    load_palette,
-    prepare_dataset,
-)
+from rsseg.data.palette import load_palette
+from rsseg.data.prepare import prepare_dataset
 from rsseg.data.raster import read_window
 from rsseg.data.synthetic import (
     generate_change,
@@ -391,11 +388,11 @@ def test_second_colour_labels_with_palette(tmp_path):
 
 
 def test_block_reads_match_whole_reads(tmp_path, monkeypatch):
-    import rsseg.data.prepare as prep
+    from rsseg.data import scan
 
     src = generate_landcover(tmp_path / "lc", scenes=2, size=100, seed=4)
     whole = prepare_dataset(src, tmp_path / "a", palette="dubai", tile_size=64, overlap=0, progress=False)
-    monkeypatch.setattr(prep, "_BLOCK", 24)  # many partial blocks per scene
+    monkeypatch.setattr(scan, "_BLOCK", 24)  # many partial blocks per scene
     blocked = prepare_dataset(src, tmp_path / "b", palette="dubai", tile_size=64, overlap=0, progress=False)
     for key in ("class_pixels", "ignored_pixels", "ignored_pixels_by_color", "bands"):
         assert blocked.stats[key] == whole.stats[key]

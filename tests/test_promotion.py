@@ -14,16 +14,16 @@ import tritonclient.grpc as grpcclient
 from mlflow import MlflowClient
 from tritonclient.utils import InferenceServerException
 
-from pipelines.train import train_and_register
+from rsseg.client.oneshot import connect, infer_tiles, served_spec
 from rsseg.config import PromoteConfig
 from rsseg.data.datasets import PreparedData
 from rsseg.data.transforms import normalize
 from rsseg.errors import PromotionRefused
 from rsseg.inference import class_maps
 from rsseg.promotion import onnx_class_maps, promote, rollback
-from rsseg.serving.client import connect, infer_tiles, served_spec
 from rsseg.serving.repository import read_history, step_names
 from rsseg.serving.server import TritonServer
+from rsseg.tracked_training import train_and_register
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.triton

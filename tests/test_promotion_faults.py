@@ -22,15 +22,15 @@ import numpy as np
 import pytest
 from mlflow import MlflowClient
 
-from pipelines.train import train_and_register
 from rsseg import tracking
+from rsseg.client.oneshot import connect, infer_tiles, served_spec
 from rsseg.config import PromoteConfig
 from rsseg.errors import PromotionRefused
 from rsseg.promotion import onnx_class_maps, promote, sample_tile
-from rsseg.serving.client import connect, infer_tiles, served_spec
 from rsseg.serving.repository import read_history, step_names
 from rsseg.serving.server import TritonServer
 from rsseg.spec import ModelSpec
+from rsseg.tracked_training import train_and_register
 from tests.conftest import PROJECT, tiny_config
 
 pytestmark = [pytest.mark.triton, pytest.mark.slow]

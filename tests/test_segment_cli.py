@@ -17,10 +17,10 @@ import pytest
 import rasterio
 
 from rsseg.client.cli import main
+from rsseg.client.oneshot import infer_tiles
 from rsseg.client.windows import padded_extent
 from rsseg.data.synthetic import write_geotiff
 from rsseg.outputs import OWNER_FILE, mark
-from rsseg.serving.client import infer_tiles
 from rsseg.serving.repository import ServingOptions, stage_promotion
 from rsseg.serving.server import TritonServer, free_loopback_ports
 from tests.conftest import PROJECT

@@ -14,6 +14,7 @@ import torch
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
+from rsseg import contract, heads
 from rsseg.data.transforms import normalize
 from rsseg.inference import class_maps as torch_class_maps
 from rsseg.serving.repository import (
@@ -76,6 +77,9 @@ def pb_utils(monkeypatch):
                                                            if name in request.inputs else None)
     stub.Logger = types.SimpleNamespace(log_info=lambda msg: None)
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", stub)
+    # Promotion copies these beside model.py; here they are imported from the package.
+    monkeypatch.setitem(sys.modules, "contract", contract)
+    monkeypatch.setitem(sys.modules, "heads", heads)
     return stub
 
 

@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 
 from rsseg.config import TrainConfig
+from rsseg.spec import DEFAULT_ENCODER
 
 
 def write_large_scene(path: Path, size: int, block: int = 1024, seed: int = 0) -> Path:
@@ -37,7 +38,7 @@ def write_large_scene(path: Path, size: int, block: int = 1024, seed: int = 0) -
 
 
 def scene_benchmark(*, size: int = 8192, tile: int = 512, margin: int = 32, batch: int = 4, max_in_flight: int = 2,
-                    reference_tiles: int = 16, encoder: str = "tf_efficientnet_lite3",
+                    reference_tiles: int = 16, encoder: str = DEFAULT_ENCODER,
                     shared_memory: str = "none") -> dict[str, Any]:
     """End to end through Triton (a real `python clients/segment.py` process, its peak RSS measured)
     against ONNX Runtime in process and a PyTorch eager loop, all on the seed UNet at `tile`."""

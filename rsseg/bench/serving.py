@@ -8,10 +8,11 @@ from typing import Any
 import numpy as np
 
 from rsseg.config import TrainConfig
+from rsseg.spec import DEFAULT_ENCODER
 
 
 def serving_benchmark(*, tile_size: int = 512, tiles: int = 16, batch: int = 4, concurrency: int = 2,
-                      encoder: str = "tf_efficientnet_lite3") -> dict[str, Any]:
+                      encoder: str = DEFAULT_ENCODER) -> dict[str, Any]:
     """Tiles/s of the seed UNet through the Triton ensemble (gRPC) and through ONNX Runtime in one
     process, on the same raw tiles, doing the same work (normalise, model, argmax).
 
@@ -23,11 +24,11 @@ def serving_benchmark(*, tile_size: int = 512, tiles: int = 16, batch: int = 4, 
 
     import tritonclient.grpc as grpcclient
 
-    from rsseg.client.triton import TRITON_DTYPES
+    from rsseg import contract
+    from rsseg.client.oneshot import connect, served_spec
     from rsseg.data.transforms import normalize
     from rsseg.export.onnx import export_onnx, onnx_session
     from rsseg.promotion import sample_tile
-    from rsseg.serving.client import connect, served_spec
     from rsseg.serving.repository import ServingOptions, stage_promotion
     from rsseg.serving.server import TritonServer
     from rsseg.spec import DatasetSpec, default_colors
@@ -64,12 +65,12 @@ def serving_benchmark(*, tile_size: int = 512, tiles: int = 16, batch: int = 4, 
                 limit = served_spec(probe, "bench")["triton"]["max_message_bytes"]
             with connect(server.grpc_url, limit) as client:
                 def request(b: np.ndarray) -> grpcclient.InferInput:
-                    tensor = grpcclient.InferInput("TILES", list(b.shape), TRITON_DTYPES[str(b.dtype)])
+                    tensor = grpcclient.InferInput(contract.TILES, list(b.shape), contract.wire_type(str(b.dtype)))
                     tensor.set_data_from_numpy(b)
                     return tensor
 
                 # A segmentation client asks for the class map only.
-                client.infer("bench", [request(batches[0])], outputs=[grpcclient.InferRequestedOutput("CLASS_MAP")])
+                client.infer("bench", [request(batches[0])], outputs=[grpcclient.InferRequestedOutput(contract.CLASS_MAP)])
                 start = time.perf_counter()
                 _infer_with_concurrency(client, "bench", [request(b) for b in batches], concurrency)
                 result["triton_tiles_per_s"] = tiles / (time.perf_counter() - start)
@@ -86,13 +87,15 @@ def _infer_with_concurrency(client: Any, model: str, requests: list[Any], concur
 
     import tritonclient.grpc as grpcclient
 
+    from rsseg import contract
+
     done: queue.Queue = queue.Queue()
     pending = list(requests)
     in_flight = 0
     while pending or in_flight:
         while pending and in_flight < concurrency:
             client.async_infer(model, [pending.pop(0)], callback=lambda result, error: done.put(error),
-                               outputs=[grpcclient.InferRequestedOutput("CLASS_MAP")])
+                               outputs=[grpcclient.InferRequestedOutput(contract.CLASS_MAP)])
             in_flight += 1
         error = done.get(timeout=600)
         in_flight -= 1

@@ -25,16 +25,17 @@ from pathlib import Path
 import rasterio
 from rasterio.errors import RasterioError
 
+from rsseg import contract
 from rsseg.client.jobs import Job, plan_jobs
 from rsseg.client.leftovers import remove_stale_temps
 from rsseg.client.pairs import stack_pair
 from rsseg.client.scene import MODES, segment_scene
 from rsseg.client.triton import SHARED_MEMORY, TritonSegmenter
 from rsseg.client.writer import temp_path
+from rsseg.contract import TTA_MODES
 from rsseg.data.raster import gdal_cause, raster_info
 from rsseg.errors import DataError, UserError
 from rsseg.outputs import OWNER_FILE, claim_output_dir, mark
-from rsseg.serving.triton_models.heads import TTA_MODES
 from rsseg.signals import Interrupted, exit_on_signals
 
 log = logging.getLogger(__name__)
@@ -278,9 +279,9 @@ def peak_rss_mb() -> float:
 def predictor(segmenter: TritonSegmenter, mode: str, probabilities: bool):
     """segment_scene's `predict`: the served outputs the mode (and --probabilities) needs."""
     if mode == "blend":
-        outputs: tuple[str, ...] = ("PROBABILITIES",)
+        outputs: tuple[str, ...] = (contract.PROBABILITIES,)
     else:
-        outputs = ("CLASS_MAP", "PROBABILITIES") if probabilities else ("CLASS_MAP",)
+        outputs = (contract.CLASS_MAP, contract.PROBABILITIES) if probabilities else (contract.CLASS_MAP,)
     return lambda tiles: segmenter(tiles, outputs)
 
 

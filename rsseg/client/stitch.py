@@ -11,7 +11,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from rsseg.client.windows import PlannedWindow, blend_weights, on_scene_edges
-from rsseg.serving.triton_models import heads
+from rsseg import heads
 from rsseg.spec import OutputGroup
 
 NODATA = 255  # class value of nodata pixels in the output map
@@ -19,7 +19,7 @@ NODATA = 255  # class value of nodata pixels in the output map
 
 def class_maps_from_probabilities(probabilities: np.ndarray, groups: Sequence[OutputGroup]) -> np.ndarray:
     """[N, K, H, W] per-group probabilities (or logits) -> [N, G, H, W] uint8 class maps (the served
-    postprocess's own definition, rsseg/serving/triton_models/heads.py)."""
+    postprocess's own definition, rsseg/heads.py)."""
     return heads.class_maps(probabilities, [(g.name, g.channels) for g in groups])
 
 

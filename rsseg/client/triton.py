@@ -14,18 +14,13 @@ from typing import Any
 
 import numpy as np
 
+from rsseg import contract
 from rsseg.client.leftovers import remove_stale_shared_memory
-from rsseg.errors import UserError
-from rsseg.serving.repository import OUTPUT_TYPES
-from rsseg.serving.repository import TRITON_DTYPES as CONFIG_DTYPES
-from rsseg.serving.triton_models.heads import TTA_MODES
+from rsseg.contract import TTA_MODES
+from rsseg.errors import UserError, first_line
 from rsseg.spec import ModelSpec
 
 log = logging.getLogger(__name__)
-
-# Wire names of the tile dtypes: the config types without their TYPE_ prefix.
-TRITON_DTYPES = {dtype: config_type.removeprefix("TYPE_") for dtype, config_type in CONFIG_DTYPES.items()}
-
 
 class ServerUnavailable(UserError):
     """No server answered at a URL after the retries."""
@@ -36,7 +31,7 @@ class InferenceFailed(UserError):
 
 
 SHARED_MEMORY = ("none", "system")
-OUTPUT_DTYPES = {name: np.dtype(dtype) for name, (_, dtype) in OUTPUT_TYPES.items()}
+OUTPUT_DTYPES = {name: np.dtype(dtype) for name, (_, dtype) in contract.OUTPUT_TYPES.items()}
 
 
 class TritonSegmenter:
@@ -104,14 +99,14 @@ class TritonSegmenter:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def __call__(self, tiles: np.ndarray, outputs: Sequence[str] = ("CLASS_MAP",)
+    def __call__(self, tiles: np.ndarray, outputs: Sequence[str] = (contract.CLASS_MAP,)
                  ) -> np.ndarray | tuple[np.ndarray, ...]:
         """`outputs` for a batch of raw tiles [N, H, W, C], retried with backoff: one array, or a tuple in
         the order asked. Thread-safe."""
         result = self._with_slot(tiles, outputs, retries=self.retries)
         return result[outputs[0]] if len(outputs) == 1 else tuple(result[n] for n in outputs)
 
-    def infer(self, tiles: np.ndarray, outputs: Sequence[str] = ("CLASS_MAP",), tta: str | None = None
+    def infer(self, tiles: np.ndarray, outputs: Sequence[str] = (contract.CLASS_MAP,), tta: str | None = None
               ) -> dict[str, np.ndarray]:
         """One request (no retries) asking for any of CLASS_MAP/PROBABILITIES, optionally with TTA."""
         return self._with_slot(tiles, outputs, retries=0, tta=tta)
@@ -137,18 +132,18 @@ class TritonSegmenter:
                 if attempt < retries:
                     delay = self.backoff * 2**attempt
                     log.warning("request to %s failed (%s); retrying in %.1f s", self.urls[server],
-                                _one_line(exc), delay)
+                                first_line(exc), delay)
                     time.sleep(delay)
         if retries == 0:
             raise error  # type: ignore[misc]
         raise InferenceFailed(f"{self.model} at {', '.join(self.urls)}: a request failed {retries + 1} times "
-                              f"({_one_line(error)})")
+                              f"({first_line(error)})")
 
     def _request(self, slot: _Slot, server: int, tiles: np.ndarray, outputs: Sequence[str], tta: str | None
                  ) -> dict[str, np.ndarray]:
         m, client = self._module, slot.clients[server]
         tiles = np.ascontiguousarray(tiles)
-        tensor = m.InferInput("TILES", list(tiles.shape), TRITON_DTYPES[str(tiles.dtype)])
+        tensor = m.InferInput(contract.TILES, list(tiles.shape), contract.wire_type(str(tiles.dtype)))
         requested = [m.InferRequestedOutput(n) for n in outputs]
         placed: dict[str, tuple[int, int]] = {}
         if slot.shm is not None:
@@ -165,7 +160,7 @@ class TritonSegmenter:
 
     def _output_sizes(self, tiles: np.ndarray, outputs: Sequence[str]) -> dict[str, int]:
         n, h, w = tiles.shape[:3]
-        channels = {"CLASS_MAP": len(self.spec.outputs), "PROBABILITIES": self.spec.num_output_channels}
+        channels = {contract.CLASS_MAP: len(self.spec.outputs), contract.PROBABILITIES: self.spec.num_output_channels}
         return {name: n * channels[name] * h * w * OUTPUT_DTYPES[name].itemsize for name in outputs}
 
     def _connect(self, url: str, bootstrap: bool = False) -> Any:
@@ -173,12 +168,12 @@ class TritonSegmenter:
         for attempt in range(self.retries + 1):
             try:
                 client = make_client(self._module, self.protocol, url,
-                                      64 << 20 if bootstrap else self.max_message_bytes)
+                                      contract.BOOTSTRAP_MESSAGE_BYTES if bootstrap else self.max_message_bytes)
                 if client.is_server_ready():
                     return client
                 client.close()
             except Exception as exc:  # noqa: BLE001 - connection refused surfaces as several types
-                log.debug("server %s: %s", url, _one_line(exc))
+                log.debug("server %s: %s", url, first_line(exc))
             if attempt < self.retries:
                 time.sleep(self.backoff * 2**attempt)
         raise ServerUnavailable(f"no Triton server ready at {url} after {self.retries + 1} tries; start one with "
@@ -219,7 +214,7 @@ class _SharedMemory:
                 try:
                     client.register_system_shared_memory(name, f"/{name}", nbytes)
                 except Exception as exc:  # noqa: BLE001
-                    raise UserError(f"{url}: cannot register system shared memory ({_one_line(exc)}); "
+                    raise UserError(f"{url}: cannot register system shared memory ({first_line(exc)}); "
                                     "--shared-memory system needs the server on this host") from None
         return name, handle
 
@@ -258,7 +253,7 @@ class _SharedMemory:
             try:
                 client.unregister_system_shared_memory(f"{self.prefix}-{kind}")
             except Exception as exc:  # noqa: BLE001 - a server that went away has forgotten it anyway
-                log.debug("unregistering %s: %s", kind, _one_line(exc))
+                log.debug("unregistering %s: %s", kind, first_line(exc))
         shm.destroy_shared_memory_region(handle)
 
     def close(self, clients: list[Any]) -> None:
@@ -296,8 +291,7 @@ def _the_served_model(client: Any, url: str, protocol: str = "grpc") -> str:
     else:  # HTTP answers the list itself
         models = client.get_model_repository_index()
     names = sorted(m["name"] for m in models if m.get("state", "READY") == "READY")
-    roots = [n for n in names if not any(n.endswith(s) for s in ("-preprocess", "-segmenter", "-postprocess",
-                                                                    "-decode", "-files"))]
+    roots = [n for n in names if not contract.is_step(n)]
     if len(roots) != 1:
         raise UserError(f"{url} serves {len(roots)} models ({', '.join(roots) or 'none'}); choose one with --model")
     return roots[0]
@@ -309,13 +303,10 @@ def served_spec_dict(client: Any, model: str, url: str = "", protocol: str = "gr
     try:
         config = client.get_model_config(model, as_json=True) if protocol == "grpc" else client.get_model_config(model)
     except Exception as exc:  # noqa: BLE001
-        raise UserError(f"{url}: model {model!r} is not served ({_one_line(exc)})") from None
+        raise UserError(f"{url}: model {model!r} is not served ({first_line(exc)})") from None
     config = config.get("config", config)
     try:
         return json.loads(config["parameters"]["model_spec"]["string_value"])
     except KeyError:
         raise UserError(f"{url}: model {model!r} carries no model spec; promote it with rsseg") from None
 
-
-def _one_line(exc: object) -> str:
-    return str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__

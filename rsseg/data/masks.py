@@ -16,7 +16,7 @@ from rasterio.errors import RasterioError
 from rasterio.windows import Window as RioWindow
 
 from rsseg.data.tiling import Window
-from rsseg.errors import DataError
+from rsseg.errors import DataError, first_line
 from rsseg.spec import DatasetSpec
 
 log = logging.getLogger(__name__)
@@ -108,8 +108,7 @@ def read_mask(path: str | Path, spec: DatasetSpec, window: Window | None = None)
             bands = [1, 2, 3] if spec.mask_encoding == "palette" and src.count >= 3 else [1]
             data = src.read(bands, window=rio_window)
     except RasterioError as exc:
-        msg = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
-        raise DataError(f"{path}: cannot read the mask ({msg}); check the file is a complete image") from None
+        raise DataError(f"{path}: cannot read the mask ({first_line(exc)}); check the file is a complete image") from None
     return np.ascontiguousarray(np.moveaxis(data, 0, -1))
 
 

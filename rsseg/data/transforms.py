@@ -37,7 +37,6 @@ _AUGMENTATIONS = {
     "swap_dates": lambda: SwapDates(p=0.5),
 }
 DATE_AUGMENTATIONS = ("swap_dates",)  # for binary change pairs only
-DEFAULT_AUGMENTATIONS = "hflip,rot90"
 
 
 def build_augmentation(names: str, spec: DatasetSpec | None = None) -> A.Compose:
@@ -56,10 +55,6 @@ def build_augmentation(names: str, spec: DatasetSpec | None = None) -> A.Compose
 
 def augmentation_to_dict(transform: A.Compose) -> dict[str, Any]:
     return A.to_dict(transform)
-
-
-def augmentation_from_dict(data: dict[str, Any]) -> A.Compose:
-    return A.from_dict(data)
 
 
 def input_mean_std(spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:

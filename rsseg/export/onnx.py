@@ -36,7 +36,8 @@ import numpy as np
 import onnx
 import torch
 
-from rsseg.errors import ConfigError, ExportError
+from rsseg.errors import ConfigError, ExportError, first_line
+from rsseg.heads import CHANGE, SEMANTIC
 from rsseg.inference import class_maps, split_outputs
 from rsseg.spec import ModelSpec, OutputGroup
 
@@ -151,7 +152,7 @@ def _export_torchscript(net: torch.nn.Module, dummy: torch.Tensor, dest: Path, o
             )
         except Exception as exc:  # the exporter raises many types; the user needs the op that failed
             raise ExportError(
-                f"ONNX export (TorchScript, opset {opset}) failed: {type(exc).__name__}: {_first_line(exc)}"
+                f"ONNX export (TorchScript, opset {opset}) failed: {type(exc).__name__}: {first_line(exc)}"
             ) from exc
 
 
@@ -173,7 +174,7 @@ def _export_dynamo(net: torch.nn.Module, dummy: torch.Tensor, dest: Path, opset:
         raise
     except Exception as exc:
         raise ExportError(
-            f"ONNX export (torch.export, opset {opset}) failed: {type(exc).__name__}: {_first_line(exc)}"
+            f"ONNX export (torch.export, opset {opset}) failed: {type(exc).__name__}: {first_line(exc)}"
         ) from exc
 
 
@@ -190,7 +191,7 @@ def _check_onnx(path: Path, spec: ModelSpec, label: Path) -> None:
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as exc:
-        raise ExportError(f"{label}: the ONNX checker rejects the exported model: {_first_line(exc)}") from exc
+        raise ExportError(f"{label}: the ONNX checker rejects the exported model: {first_line(exc)}") from exc
     graph = onnx.load(str(path), load_external_data=False).graph
     names = ([i.name for i in graph.input], [o.name for o in graph.output])
     if names != ([INPUT_NAME], [OUTPUT_NAME]):
@@ -383,10 +384,10 @@ def _decision_margins(logits: torch.Tensor, groups: list[OutputGroup]) -> dict[s
     """Per group and pixel, the top-1 minus top-2 logit of the argmax(es) deciding its class map."""
     parts = split_outputs(logits, groups)
     margins = {name: _top2_gap(part) for name, part in parts.items()}
-    if "change" in parts:  # semantic maps depend on the change decision and argmax over classes >= 1
-        for name in ("semantic_a", "semantic_b"):
+    if CHANGE in parts:  # semantic maps depend on the change decision and argmax over classes >= 1
+        for name in SEMANTIC:
             if name in parts:
-                margins[name] = torch.minimum(margins["change"], _top2_gap(parts[name][:, 1:]))
+                margins[name] = torch.minimum(margins[CHANGE], _top2_gap(parts[name][:, 1:]))
     return margins
 
 
@@ -396,7 +397,3 @@ def _top2_gap(part: torch.Tensor) -> torch.Tensor:
     top = part.topk(2, dim=1).values
     return top[:, 0] - top[:, 1]
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -17,9 +17,6 @@ from rsseg.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-ATTENTIONS = ("scse", None)
-
-
 class ConvBNReLU(nn.Sequential):
     """Conv (no bias) + BatchNorm + ReLU."""
 

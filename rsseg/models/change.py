@@ -27,12 +27,11 @@ from rsseg.models.blocks import (
 from rsseg.models.encoders import create_encoder, feature_levels
 from rsseg.models.registry import SegmentationModel, register_model
 from rsseg.models.unet import DEFAULT_DECODER_CHANNELS, select_unet_levels
+from rsseg.heads import CHANGE, SEMANTIC
 from rsseg.spec import OutputGroup
 
 log = logging.getLogger(__name__)
 
-CHANGE = "change"
-SEMANTIC = ("semantic_a", "semantic_b")
 
 
 def check_change_outputs(outputs: Sequence[OutputGroup]) -> bool:
@@ -51,7 +50,7 @@ def check_change_outputs(outputs: Sequence[OutputGroup]) -> bool:
     if len(present) == 1:
         raise ConfigError(f"output group {present[0]!r} given without its pair; give both semantic_a and semantic_b or neither")
     if present:
-        ka, kb = by_name["semantic_a"].channels, by_name["semantic_b"].channels
+        ka, kb = (by_name[name].channels for name in SEMANTIC)
         if ka != kb or ka < 2:
             raise ConfigError(
                 f"semantic_a has {ka} and semantic_b {kb} channels; both need the same class count (>= 2)"
@@ -81,7 +80,7 @@ class SiameseUNet(SegmentationModel):
         self.semantic_decoder: UNetDecoder | None = None
         self.semantic_head: SegmentationHead | None = None
         if semantic:
-            k = next(g.channels for g in self.outputs if g.name == "semantic_a")
+            k = next(g.channels for g in self.outputs if g.name == SEMANTIC[0])
             self.semantic_decoder = UNetDecoder(channels, reductions, decoder_channels, **decoder_kwargs)
             self.semantic_head = SegmentationHead(self.semantic_decoder.out_channels, k)
         self.order = [g.name for g in self.outputs]
@@ -98,7 +97,7 @@ class SiameseUNet(SegmentationModel):
         logits = {CHANGE: self.change_head(self.change_decoder(fused))}
         if self.semantic_decoder is not None and self.semantic_head is not None:
             sem = self.semantic_head(self.semantic_decoder(feats))
-            logits["semantic_a"], logits["semantic_b"] = sem[:n], sem[n:]
+            logits[SEMANTIC[0]], logits[SEMANTIC[1]] = sem[:n], sem[n:]
         return torch.cat([logits[name] for name in self.order], dim=1)
 
 

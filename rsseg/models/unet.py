@@ -20,7 +20,6 @@ from rsseg.spec import OutputGroup
 
 log = logging.getLogger(__name__)
 
-DEFAULT_ENCODER = "tf_efficientnet_lite3"
 DEFAULT_DECODER_CHANNELS = (128, 64, 32, 16)
 
 

@@ -22,7 +22,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from rsseg import faults
+from rsseg import contract, faults
+from rsseg import heads as heads_module
 from rsseg.atomic import write_text_atomically
 from rsseg.errors import ConfigError
 from rsseg.spec import ModelSpec
@@ -34,9 +35,6 @@ HISTORY_FILE = "history.json"
 SPEC_FILE = "model_spec.json"
 ONNX_FILE = "model.onnx"
 KEEP_VERSIONS = 3  # the served version and two to roll back to
-TRITON_DTYPES = {"uint8": "TYPE_UINT8", "uint16": "TYPE_UINT16"}
-# The ensemble's outputs: config type and numpy dtype. Clients size shared-memory regions from it.
-OUTPUT_TYPES = {"CLASS_MAP": ("TYPE_UINT8", "uint8"), "PROBABILITIES": ("TYPE_FP16", "float16")}
 BYTES_PER_SAMPLE = {"uint8": 1, "uint16": 2}
 
 
@@ -55,9 +53,7 @@ class ServingOptions:
             raise ConfigError(f"max batch size must be at least 1, got {self.max_batch_size}")
 
 
-def step_names(name: str) -> dict[str, str]:
-    return {"preprocess": f"{name}-preprocess", "segmenter": f"{name}-segmenter",
-            "postprocess": f"{name}-postprocess", "decode": f"{name}-decode", "files": f"{name}-files"}
+step_names = contract.step_names
 
 
 def accepts_files(spec: ModelSpec) -> bool:
@@ -80,23 +76,23 @@ def model_configs(name: str, spec: ModelSpec, version: int, options: ServingOpti
     names = step_names(name)
     channels, classes, groups = spec.in_channels, spec.num_output_channels, len(spec.outputs)
     kind = "KIND_GPU" if options.instance_kind == "gpu" else "KIND_CPU"
-    dtype = TRITON_DTYPES[spec.dataset.dtype]
+    dtype = contract.INPUT_TYPES[spec.dataset.dtype]
     mean = [*spec.dataset.mean] * (channels // spec.dataset.num_bands)
     std = [*spec.dataset.std] * (channels // spec.dataset.num_bands)
     common = dict(version=version, max_batch=options.max_batch_size, delay=options.queue_delay_us)
 
     configs = {
         names["preprocess"]: _python_config(
-            names["preprocess"], inputs=[("TILES", dtype, [-1, -1, channels])],
-            outputs=[("INPUT", "TYPE_FP32", [channels, -1, -1])], kind=kind, count=options.instances,
+            names["preprocess"], inputs=[(contract.TILES, dtype, [-1, -1, channels])],
+            outputs=[(contract.NORMALISED, "TYPE_FP32", [channels, -1, -1])], kind=kind, count=options.instances,
             parameters={"source": "tiles", "dtype": spec.dataset.dtype, "mean": json.dumps(mean),
                         "std": json.dumps(std)}, **common),
         names["segmenter"]: _python_config(
-            names["segmenter"], inputs=[("INPUT", "TYPE_FP32", [channels, -1, -1])],
-            outputs=[("LOGITS", "TYPE_FP32", [classes, -1, -1])], kind=kind, count=options.instances,
+            names["segmenter"], inputs=[(contract.NORMALISED, "TYPE_FP32", [channels, -1, -1])],
+            outputs=[(contract.LOGITS, "TYPE_FP32", [classes, -1, -1])], kind=kind, count=options.instances,
             parameters={"models": json.dumps([ONNX_FILE]), "tta": options.tta}, **common),
         names["postprocess"]: _python_config(
-            names["postprocess"], inputs=[("LOGITS", "TYPE_FP32", [classes, -1, -1])],
+            names["postprocess"], inputs=[(contract.LOGITS, "TYPE_FP32", [classes, -1, -1])],
             outputs=_output_tensors(groups, classes), kind="KIND_CPU",
             count=options.instances, parameters={"outputs": json.dumps([[g.name, g.channels] for g in spec.outputs])},
             **common),
@@ -104,15 +100,15 @@ def model_configs(name: str, spec: ModelSpec, version: int, options: ServingOpti
     serving_spec = {**spec.to_dict(), "triton": {"version": version, "max_batch_size": options.max_batch_size,
                                                  "max_message_bytes": max_message_bytes(spec, options),
                                                  "instance_kind": options.instance_kind, "tta": options.tta}}
-    configs[name] = _ensemble_config(name, names["preprocess"], ("TILES", dtype, [-1, -1, channels]),
+    configs[name] = _ensemble_config(name, names["preprocess"], (contract.TILES, dtype, [-1, -1, channels]),
                                      names, groups, classes, version, options.max_batch_size, serving_spec)
     if accepts_files(spec):
         configs[names["decode"]] = _python_config(
-            names["decode"], inputs=[("IMAGES", "TYPE_UINT8", [-1])],
-            outputs=[("INPUT", "TYPE_FP32", [channels, -1, -1])], kind=kind, count=options.instances,
+            names["decode"], inputs=[(contract.IMAGES, "TYPE_UINT8", [-1])],
+            outputs=[(contract.NORMALISED, "TYPE_FP32", [channels, -1, -1])], kind=kind, count=options.instances,
             parameters={"source": "encoded", "dtype": "uint8", "mean": json.dumps(mean), "std": json.dumps(std)},
             **common)
-        configs[names["files"]] = _ensemble_config(names["files"], names["decode"], ("IMAGES", "TYPE_UINT8", [-1]),
+        configs[names["files"]] = _ensemble_config(names["files"], names["decode"], (contract.IMAGES, "TYPE_UINT8", [-1]),
                                                    names, groups, classes, version, options.max_batch_size,
                                                    serving_spec)
     return configs
@@ -121,8 +117,8 @@ def model_configs(name: str, spec: ModelSpec, version: int, options: ServingOpti
 def model_files(name: str, spec: ModelSpec) -> dict[str, dict[str, Path | None]]:
     """Per model: files of a version folder (source path to copy; None for files written separately)."""
     names = step_names(name)
-    io = {"triton_io.py": MODELS_DIR / "triton_io.py"}
-    heads = {"heads.py": MODELS_DIR / "heads.py"}
+    io = {"triton_io.py": MODELS_DIR / "triton_io.py", "contract.py": Path(contract.__file__)}
+    heads = {"heads.py": Path(heads_module.__file__)}
     files: dict[str, dict[str, Path | None]] = {
         names["preprocess"]: {"model.py": MODELS_DIR / "preprocess.py", **io},
         names["segmenter"]: {"model.py": MODELS_DIR / "segmenter.py", **heads, **io, ONNX_FILE: None, SPEC_FILE: None},
@@ -140,10 +136,6 @@ def read_history(repo: Path, name: str) -> dict[str, Any]:
     if not path.is_file():
         return {"served": None, "stack": [], "versions": {}}
     return json.loads(path.read_text())
-
-
-def served_version(repo: Path, name: str) -> int | None:
-    return read_history(repo, name)["served"]
 
 
 def stage_promotion(repo: Path, staging: Path, name: str, spec: ModelSpec, onnx_path: Path,
@@ -267,8 +259,8 @@ def _python_config(name: str, *, inputs, outputs, kind: str, count: int, paramet
 
 def _output_tensors(groups: int, classes: int) -> list[tuple[str, str, list[int]]]:
     """CLASS_MAP [G, H, W] (one map per output group) and PROBABILITIES [K, H, W]."""
-    channels = {"CLASS_MAP": groups, "PROBABILITIES": classes}
-    return [(name, config_type, [channels[name], -1, -1]) for name, (config_type, _) in OUTPUT_TYPES.items()]
+    channels = {contract.CLASS_MAP: groups, contract.PROBABILITIES: classes}
+    return [(name, config_type, [channels[name], -1, -1]) for name, (config_type, _) in contract.OUTPUT_TYPES.items()]
 
 
 def _ensemble_config(name: str, first: str, input_tensor: tuple, names: dict[str, str], groups: int, classes: int,
@@ -282,11 +274,12 @@ def _ensemble_config(name: str, first: str, input_tensor: tuple, names: dict[str
         *(_tensor("output", *t) for t in _output_tensors(groups, classes)),
         "ensemble_scheduling { step [",
         f'  {{ model_name: "{first}" model_version: -1 input_map {{ key: "{input_name}" value: "{input_name}" }}'
-        ' output_map { key: "INPUT" value: "input" } },',
-        f'  {{ model_name: "{names["segmenter"]}" model_version: -1 input_map {{ key: "INPUT" value: "input" }}'
-        ' output_map { key: "LOGITS" value: "logits" } },',
-        f'  {{ model_name: "{names["postprocess"]}" model_version: -1 input_map {{ key: "LOGITS" value: "logits" }}'
-        ' output_map { key: "CLASS_MAP" value: "CLASS_MAP" } output_map { key: "PROBABILITIES" value: "PROBABILITIES" } }',
+        f' output_map {{ key: "{contract.NORMALISED}" value: "input" }} }},',
+        f'  {{ model_name: "{names["segmenter"]}" model_version: -1 input_map {{ key: "{contract.NORMALISED}" value: "input" }}'
+        f' output_map {{ key: "{contract.LOGITS}" value: "logits" }} }},',
+        f'  {{ model_name: "{names["postprocess"]}" model_version: -1 input_map {{ key: "{contract.LOGITS}" value: "logits" }}'
+        f' output_map {{ key: "{contract.CLASS_MAP}" value: "{contract.CLASS_MAP}" }}'
+        f' output_map {{ key: "{contract.PROBABILITIES}" value: "{contract.PROBABILITIES}" }} }}',
         "] }",
         f"version_policy: {{ specific: {{ versions: [{version}] }} }}",
         _parameter("model_spec", json.dumps(serving_spec, sort_keys=True)),

@@ -8,9 +8,10 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # heads.py, triton_io.py sit beside model.py
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # heads.py, triton_io.py, contract.py sit beside model.py
 
 import triton_python_backend_utils as pb_utils  # noqa: E402
+from contract import CLASS_MAP, LOGITS, PROBABILITIES  # noqa: E402
 from heads import class_maps, probabilities  # noqa: E402
 from triton_io import (  # noqa: E402
     error_response,
@@ -32,12 +33,12 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
-                logits = input_array(request, "LOGITS")
+                logits = input_array(request, LOGITS)
                 if logits.ndim != 4 or logits.shape[1] != self.channels:
                     raise ValueError(f"expected logits [N, {self.channels}, H, W], got {list(logits.shape)}")
-                outputs = [output_tensor("CLASS_MAP", class_maps(logits, self.groups))]
-                if "PROBABILITIES" in request.requested_output_names():
-                    outputs.append(output_tensor("PROBABILITIES", probabilities(logits, self.groups)))
+                outputs = [output_tensor(CLASS_MAP, class_maps(logits, self.groups))]
+                if PROBABILITIES in request.requested_output_names():
+                    outputs.append(output_tensor(PROBABILITIES, probabilities(logits, self.groups)))
                 responses.append(pb_utils.InferenceResponse(output_tensors=outputs))
             except Exception as exc:  # noqa: BLE001 - a failing request must not take the model down
                 responses.append(error_response("postprocess", exc))

@@ -10,10 +10,11 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # triton_io.py sits beside model.py
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # triton_io.py, contract.py sit beside model.py
 
 import numpy as np  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
+from contract import IMAGES, NORMALISED, TILES  # noqa: E402
 from nvidia.dali import fn, pipeline_def, types  # noqa: E402
 from triton_io import (  # noqa: E402
     error_response,
@@ -67,7 +68,7 @@ class TritonPythonModel:
         self.mean = json.loads(parameter(config, "mean"))
         self.std = json.loads(parameter(config, "std"))
         self.channels = len(self.mean)
-        self.input_name = "IMAGES" if self.source == "encoded" else "TILES"
+        self.input_name = IMAGES if self.source == "encoded" else TILES
         gpu = args["model_instance_kind"] == "GPU"
         device_id = int(args["model_instance_device_id"]) if gpu else None
         self.batch_size = max(int(config.get("max_batch_size", 1)), 1)
@@ -83,7 +84,7 @@ class TritonPythonModel:
                 samples = self._samples(input_array(request, self.input_name))
                 chunks = [run_pipeline(self.pipe, samples[i : i + self.batch_size])
                           for i in range(0, len(samples), self.batch_size)]
-                out = output_tensor("INPUT", np.concatenate(chunks).astype(np.float32, copy=False))
+                out = output_tensor(NORMALISED, np.concatenate(chunks).astype(np.float32, copy=False))
                 responses.append(pb_utils.InferenceResponse(output_tensors=[out]))
             except Exception as exc:  # noqa: BLE001 - a failing request must not take the model down
                 responses.append(error_response("preprocess", exc))

@@ -11,12 +11,12 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # triton_io.py sits beside model.py
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # heads.py, triton_io.py, contract.py sit beside model.py
 
 import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
-from heads import TTA_MODES  # noqa: E402
+from contract import LOGITS, NORMALISED, TTA_MODES  # noqa: E402
 from triton_io import (  # noqa: E402
     error_response,
     input_array,
@@ -93,12 +93,12 @@ class TritonPythonModel:
         responses = []
         for request in requests:
             try:
-                batch = input_array(request, "INPUT")
+                batch = input_array(request, NORMALISED)
                 if batch.shape[0] == 0:
                     raise ValueError("empty batch")
                 mode = json.loads(request.parameters() or "{}").get("tta", self.tta)
                 logits = segment(self.sessions, batch, mode)
-                responses.append(pb_utils.InferenceResponse(output_tensors=[output_tensor("LOGITS", logits)]))
+                responses.append(pb_utils.InferenceResponse(output_tensors=[output_tensor(LOGITS, logits)]))
             except Exception as exc:  # noqa: BLE001 - a failing request must not take the model down
                 responses.append(error_response("segmenter", exc))
         return responses

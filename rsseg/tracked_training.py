@@ -1,0 +1,28 @@
+"""One training run as `train` and `main` make it: the data resolved, an MLflow run around training
+(rank 0 only logs), the best epoch registered."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from rsseg import tracking
+from rsseg.config import TrainConfig
+from rsseg.data.datasets import PreparedData
+from rsseg.data.defaults import default_dataset
+from rsseg.training import is_main_process, train
+
+
+def train_and_register(config: TrainConfig) -> dict[str, Any] | None:
+    """Train inside an MLflow run and register; the run's summary (None on ranks other than 0)."""
+    data = PreparedData.load(config.data) if config.data else PreparedData.load(default_dataset())
+    if not is_main_process():
+        train(config, data)
+        return None
+    with tracking.start_run(run_name=f"train-{data.spec.name}") as active:
+        if not config.checkpoint_dir:
+            config.checkpoint_dir = str(Path("runs") / active.info.run_id)
+        tracking.log_config(config, "train")
+        tracking.log_dataset(data.root)
+        result = train(config, data, on_epoch_end=tracking.epoch_logger())
+        return tracking.log_training_result(result, config.model_name or None, config.register)
