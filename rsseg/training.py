@@ -39,14 +39,13 @@ from rsseg.optim import (
     resolve_precision,
     set_lr,
 )
-from rsseg.spec import DatasetSpec, ModelSpec, output_groups_for
+from rsseg.spec import DatasetSpec, ModelSpec, accepted_tile_sizes, output_groups_for
 
 log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
 # The largest window a served model is asked for (the seeds predicted images up to 1024 px whole).
-MAX_TILE_SIZE = 1024
 
 
 @dataclass
@@ -82,7 +81,7 @@ def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback |
     dataset_spec = _dataset_spec_for_training(data, config.normalization)
     augmentation = build_augmentation(config.augment, dataset_spec)
     train_tiles, val_tiles = data.split_tiles(config.fold)
-    tile_size = int(data.tiles["size"].iloc[0])
+    tile_size = data.tile_size
     training_data = replace(data, spec=dataset_spec)
     if config.sampling == "random":
         train_set: TileDataset = RandomWindowDataset(training_data, train_tiles, config.crop_size or tile_size,
@@ -270,8 +269,7 @@ def build_model(config: TrainConfig, dataset: DatasetSpec, tile_size: int) -> tu
             f"tile size {tile_size} of the prepared data is not a multiple of {stride}, the stride of "
             f"{architecture}/{config.encoder}; prepare with --tile-size {tile_size // stride * stride}"
         )
-    # Every multiple of the stride from the training tile up: a scene that fits one goes in one window.
-    sizes = list(range(tile_size, max(MAX_TILE_SIZE, tile_size) + 1, stride))
+    sizes = accepted_tile_sizes(tile_size, stride)
     spec = ModelSpec(dataset=dataset, architecture=architecture, encoder=config.encoder, in_channels=in_channels,
                      outputs=outputs, tile_size=tile_size, tile_sizes=sizes, stride=stride)
     return model, spec

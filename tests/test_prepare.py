@@ -87,6 +87,8 @@ def _check_manifest(out: Path, tile_size: int, overlap: int, folds: int) -> tupl
     sizes = [int((scenes["fold"] == f).sum()) for f in range(folds)]
     assert sum(sizes) == len(scenes) and max(sizes) - min(sizes) <= 1
     assert not (out.parent / f".{out.name}.tmp").exists()
+    spec = DatasetSpec.load(out / "dataset_spec.json")  # the grid travels in the spec
+    assert (spec.tile_size, spec.overlap) == (tile_size, overlap)
     return scenes, tiles
 
 

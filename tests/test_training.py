@@ -145,7 +145,7 @@ def test_time_budget_stops_training(seaice_prepared, tmp_path):
 
 def test_tile_size_must_fit_the_model_stride(seaice_prepared, tmp_path):
     data = PreparedData.load(seaice_prepared)
-    data.tiles["size"] = 40
+    data.spec.tile_size = 40
     with pytest.raises(ConfigError, match="multiple of"):
         train(tiny_config(seaice_prepared, tmp_path), data)
 

@@ -49,6 +49,11 @@ class PreparedData:
         tiles = pd.read_csv(root / "tiles.csv", keep_default_na=False, dtype={"scene": str})
         return cls(root, spec, scenes, tiles)
 
+    @property
+    def tile_size(self) -> int:
+        """The prepared tile size (from tiles.csv for data prepared before the spec recorded it)."""
+        return int(self.spec.tile_size or self.tiles["size"].iloc[0])
+
     def raw_tile(self, index: int) -> np.ndarray:
         """Tile `index` of tiles.csv as raw HWC pixels in model band order (both dates for change data)."""
         tile = self.tiles.iloc[index]

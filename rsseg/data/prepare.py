@@ -127,6 +127,8 @@ def prepare_dataset(
         ignore_index=ignore_index,
         nodata=nodata,
         generated=marker is not None,
+        tile_size=tile_size,
+        overlap=overlap,
         **spec_kwargs,
     )
 
@@ -173,8 +175,6 @@ def _check_params(
         raise ConfigError(f"--tile-size must be positive, got {tile_size}")
     if not 0 <= overlap < tile_size:
         raise ConfigError(f"--overlap must be in [0, tile size {tile_size}), got {overlap}")
-    if tile_size % 32:
-        log.warning("tile size %d is not a multiple of 32; most models need multiples of their stride (32)", tile_size)
     if folds < 1:
         raise ConfigError(f"--folds must be >= 1, got {folds}")
     if not 0 <= val_fraction < 1:
