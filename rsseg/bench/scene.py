@@ -124,7 +124,7 @@ def scene_benchmark(*, size: int = 8192, tile: int = 512, margin: int = 32, batc
         "end_to_end_s": wall,
         "end_to_end_megapixels_per_s": megapixels / wall,
         "end_to_end_tiles_per_s": windows / wall,
-        "client_peak_rss_mb": _reported_peak_mb(done.stderr),
+        "client_peak_rss_mb": summary["peak_rss_mb"],
     })
     result["ratio_end_to_end_to_onnxruntime_tiles"] = result["end_to_end_tiles_per_s"] / result["onnxruntime_tiles_per_s"]
     result["ratio_end_to_end_to_pytorch_eager_tiles"] = (result["end_to_end_tiles_per_s"]
@@ -153,11 +153,3 @@ def triton_step_times(metrics_url: str) -> dict[str, dict[str, float]]:
         if step.get("compute_s"):
             step["tiles_per_compute_s"] = step.get("tiles", 0.0) / step["compute_s"]
     return {model: {k: round(v, 3) for k, v in step.items()} for model, step in sorted(steps.items())}
-
-
-def _reported_peak_mb(log_text: str) -> float | None:
-    """The client logs its own peak resident memory when it ends (rsseg.client.cli)."""
-    import re
-
-    found = re.findall(r"peak resident memory of this client: (\d+) MB", log_text)
-    return float(found[-1]) if found else None

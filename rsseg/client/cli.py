@@ -28,6 +28,7 @@ from rasterio.errors import RasterioError
 from rsseg import contract
 from rsseg.client.jobs import Job, plan_jobs
 from rsseg.client.leftovers import remove_stale_temps
+from rsseg.client.memory import peak_rss_mb
 from rsseg.client.pairs import stack_pair
 from rsseg.client.scene import MODES, segment_scene
 from rsseg.client.triton import SHARED_MEMORY, TritonSegmenter
@@ -260,20 +261,6 @@ def _remove_unused(out: Path, created: list[Path]) -> None:
                 folder.rmdir()
     except OSError:
         pass  # not empty (another client writes there too), or gone: leave it
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory. VmHWM, not getrusage: ru_maxrss survives exec, so a client
-    started by a big parent would report the parent's peak."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def predictor(segmenter: TritonSegmenter, mode: str, probabilities: bool):

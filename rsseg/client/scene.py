@@ -35,6 +35,7 @@ from rasterio.errors import RasterioIOError
 from rasterio.windows import Window as RioWindow
 from tqdm import tqdm
 
+from rsseg.client.memory import peak_rss_mb
 from rsseg.client.stitch import NODATA, BlendBand, CentreStrip
 from rsseg.client.windows import (
     PlannedWindow,
@@ -98,6 +99,7 @@ class SceneSummary:
     inputs: list[str] = field(default_factory=list)  # absolute paths of the input file(s)
     preview: str | None = None
     summary: str | None = None
+    peak_rss_mb: float = 0.0  # this client process's peak resident memory when the scene was done
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -226,6 +228,7 @@ def segment_scene(
     if preview_path is not None:
         summary.preview = str(write_preview(preview_path, out_path, spec))
     summary.timings["total_s"] = time.perf_counter() - start
+    summary.peak_rss_mb = peak_rss_mb()
     if summary_path is not None:
         summary.summary = str(summary_path)
         write_summary(summary_path, summary.to_dict())

@@ -10,8 +10,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from rsseg.client.windows import PlannedWindow, blend_weights, on_scene_edges
 from rsseg import heads
+from rsseg.client.windows import PlannedWindow, blend_weights, on_scene_edges
 from rsseg.spec import OutputGroup
 
 NODATA = 255  # class value of nodata pixels in the output map
