@@ -23,6 +23,22 @@ class ExportError(UserError):
     """A model cannot be exported, or its exported graph does not reproduce the PyTorch model."""
 
 
+class OutputError(UserError):
+    """An output path that the command must not (or cannot) write."""
+
+
+class TritonNotInstalled(UserError):
+    """The Triton binary (from nvidia-pytriton) is missing or unusable in this environment."""
+
+
+class PortInUse(UserError):
+    """A port the server would listen on is taken."""
+
+
+class TritonServerError(RuntimeError):
+    """A server started by `TritonServer` exited or did not become ready; the message holds the log tail."""
+
+
 def first_line(exc: object, limit: int = 200) -> str:
     """An exception's first line for a one-line message (its type's name when it has no text)."""
     text = str(exc).strip()

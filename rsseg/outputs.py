@@ -15,13 +15,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from rsseg.atomic import write_dir_atomically, write_text_atomically
-from rsseg.errors import UserError
+from rsseg.errors import OutputError
 
 OWNER_FILE = ".rsseg-output.json"
-
-
-class OutputError(UserError):
-    """An output path that the command must not (or cannot) write."""
 
 
 def owner(folder: Path, legacy: dict[str, Iterable[str]] | None = None) -> str | None:

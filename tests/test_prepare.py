@@ -40,8 +40,8 @@ from rsseg.data.synthetic import (
     write_png,
 )
 from rsseg.data.tiling import tile_starts
-from rsseg.errors import ConfigError, DataError
-from rsseg.outputs import OWNER_FILE, OutputError, owner
+from rsseg.errors import ConfigError, DataError, OutputError
+from rsseg.outputs import OWNER_FILE, owner
 from rsseg.spec import DatasetSpec
 
 PROJECT = Path(__file__).resolve().parents[1]

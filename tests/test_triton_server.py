@@ -18,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from rsseg.errors import PortInUse, TritonNotInstalled, TritonServerError
 from rsseg.serving import server as triton
-from rsseg.serving.server import TritonNotInstalled, TritonServer, TritonServerError
+from rsseg.serving.server import TritonServer
 
 CONFIG = """
 backend: "python"
@@ -230,7 +231,7 @@ def test_busy_port_is_refused_before_anything_loads(tmp_path: Path) -> None:
         assert process.wait(30) == 2
         err = (tmp_path / "server.log").read_text()
         assert err.count("\n") == 1 and f"gRPC port {ports[1]} on 127.0.0.1 is already in use" in err, err
-        with pytest.raises(triton.PortInUse, match=f"--grpc-port=N"):
+        with pytest.raises(PortInUse, match="--grpc-port=N"):
             TritonServer(repo, http_port=ports[0], grpc_port=ports[1], metrics_port=ports[2]).start()
 
 

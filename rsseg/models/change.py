@@ -16,18 +16,15 @@ import torch
 from torch import nn
 
 from rsseg.errors import ConfigError
+from rsseg.heads import CHANGE, SEMANTIC
 from rsseg.models.blocks import (
     ConvBNReLU,
     SegmentationHead,
     UNetDecoder,
     init_decoder,
-    int_tuple,
-    make_attention,
 )
-from rsseg.models.encoders import create_encoder, feature_levels
 from rsseg.models.registry import SegmentationModel, register_model
-from rsseg.models.unet import DEFAULT_DECODER_CHANNELS, select_unet_levels
-from rsseg.heads import CHANGE, SEMANTIC
+from rsseg.models.unet import UNetOptions
 from rsseg.spec import OutputGroup
 
 log = logging.getLogger(__name__)
@@ -101,37 +98,14 @@ class SiameseUNet(SegmentationModel):
         return torch.cat([logits[name] for name in self.order], dim=1)
 
 
-@register_model("siamese_unet", tasks=("change",))
-def siamese_unet(
-    encoder: str,
-    in_channels: int,
-    outputs: Sequence[OutputGroup],
-    pretrained_path: str | None = None,
-    encoder_depth: int = 4,
-    decoder_channels: Sequence[int] | str = DEFAULT_DECODER_CHANNELS,
-    attention: str | None = "scse",
-    attention_reduction: int | None = None,
-    kernel_size: int = 5,
-    expansion: int = 1,
-    decoder_block: str = "conv",
-    trim_encoder: bool = True,
-    encoder_kwargs: dict[str, Any] | None = None,
-) -> SiameseUNet:
-    """Siamese UNet; `in_channels` = 2 * bands (date A first). Decoder options as for `unet`."""
+@register_model("siamese_unet", tasks=("change",), options=UNetOptions)
+def siamese_unet(encoder: str, in_channels: int, outputs: Sequence[OutputGroup], pretrained_path: str | None = None,
+                 options: UNetOptions = UNetOptions()) -> SiameseUNet:
+    """Siamese UNet; `in_channels` = 2 * bands (date A first). Options as for `unet`."""
     check_change_outputs(outputs)
     if in_channels % 2:
         raise ConfigError(
             f"change models take two dates concatenated on channels, so in_channels must be even; got {in_channels}"
         )
-    decoder_channels = int_tuple(decoder_channels, "decoder_channels")
-    make_attention(attention, 1)  # validate early
-    bands = in_channels // 2
-    levels = select_unet_levels(feature_levels(encoder, bands, encoder_kwargs), encoder_depth, encoder, decoder_channels)
-    enc = create_encoder(
-        encoder, bands, [lv.index for lv in levels], pretrained_path, trim=trim_encoder, encoder_kwargs=encoder_kwargs
-    )
-    return SiameseUNet(
-        enc, in_channels, outputs, decoder_channels,
-        kernel_size=kernel_size, expansion=expansion, attention=attention, attention_reduction=attention_reduction,
-        block=decoder_block,
-    )
+    enc, decoder_channels = options.build_encoder(encoder, in_channels // 2, pretrained_path)
+    return SiameseUNet(enc, in_channels, outputs, decoder_channels, **options.decoder_kwargs())

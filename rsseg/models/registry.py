@@ -7,6 +7,7 @@ one logits tensor out at input resolution, channels laid out as the `outputs` gr
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import logging
 from collections.abc import Callable, Sequence
@@ -24,6 +25,7 @@ Builder = Callable[..., "SegmentationModel"]
 
 _MODELS: dict[str, Builder] = {}
 _TASKS: dict[str, tuple[str, ...]] = {}
+_OPTIONS: dict[str, type] = {}  # builders that take their options as one dataclass, `options=`
 
 # Arguments create_model passes to every builder itself; everything else is an architecture kwarg.
 _COMMON_ARGS = ("encoder", "in_channels", "outputs", "pretrained_path")
@@ -77,8 +79,11 @@ class SegmentationModel(nn.Module):
                 raise ConfigError(f"input {what} {size} is not a multiple of {self.stride}; {fix}")
 
 
-def register_model(name: str, tasks: Sequence[str] = ("binary", "multiclass")) -> Callable[[Builder], Builder]:
-    """Decorator registering a builder under `name`, for the dataset tasks it can serve."""
+def register_model(name: str, tasks: Sequence[str] = ("binary", "multiclass"), options: type | None = None
+                   ) -> Callable[[Builder], Builder]:
+    """Decorator registering a builder under `name`, for the dataset tasks it can serve. With `options` (a
+    dataclass) the builder takes the architecture options as one `options=` instance of it, so several
+    builders share one definition of their options; otherwise its keyword arguments are the options."""
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"register_model({name!r}): unknown task(s) {unknown}; known: {TASKS}")
@@ -88,6 +93,8 @@ def register_model(name: str, tasks: Sequence[str] = ("binary", "multiclass")) -
             raise ValueError(f"model {name!r} is registered twice ({_MODELS[name].__module__} and {fn.__module__})")
         _MODELS[name] = fn
         _TASKS[name] = tuple(tasks)
+        if options is not None:
+            _OPTIONS[name] = options
         return fn
 
     return decorator
@@ -106,7 +113,10 @@ def model_tasks(architecture: str) -> tuple[str, ...]:
 
 def model_kwargs(architecture: str) -> dict[str, Any]:
     """Architecture kwargs a builder accepts, with their defaults."""
-    sig = inspect.signature(_builder(architecture))
+    builder = _builder(architecture)
+    if architecture in _OPTIONS:
+        return {f.name: _field_default(f) for f in dataclasses.fields(_OPTIONS[architecture])}
+    sig = inspect.signature(builder)
     return {
         n: (None if p.default is inspect.Parameter.empty else p.default)
         for n, p in sig.parameters.items()
@@ -149,6 +159,8 @@ def create_model(
             f"architecture {architecture!r} does not take {', '.join(unknown)}; "
             f"it takes {', '.join(sorted(accepted)) or 'no options'}"
         )
+    if architecture in _OPTIONS:
+        kwargs = {"options": _OPTIONS[architecture](**kwargs)}
     model = builder(encoder=encoder, in_channels=in_channels, outputs=groups, pretrained_path=pretrained_path, **kwargs)
     n_params = sum(p.numel() for p in model.parameters())
     log.info(
@@ -178,6 +190,12 @@ def normalize_outputs(outputs: Sequence[OutputGroup | dict[str, Any]]) -> list[O
     if len(set(names)) != len(names):
         raise ConfigError(f"output group names must be unique, got {names}")
     return groups
+
+
+def _field_default(f: dataclasses.Field) -> Any:
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else None
 
 
 def _builder(architecture: str) -> Builder:

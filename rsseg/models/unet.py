@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -61,23 +62,9 @@ def select_unet_levels(levels: Sequence[Level], encoder_depth: int, encoder: str
     return list(levels[:encoder_depth])
 
 
-@register_model("unet")
-def unet(
-    encoder: str,
-    in_channels: int,
-    outputs: Sequence[OutputGroup],
-    pretrained_path: str | None = None,
-    encoder_depth: int = 4,
-    decoder_channels: Sequence[int] | str = DEFAULT_DECODER_CHANNELS,
-    attention: str | None = "scse",
-    attention_reduction: int | None = None,
-    kernel_size: int = 5,
-    expansion: int = 1,
-    decoder_block: str = "conv",
-    trim_encoder: bool = True,
-    encoder_kwargs: dict[str, Any] | None = None,
-) -> UNet:
-    """The seed's EffUNet: tf_efficientnet_lite3, depth 4, decoder (128, 64, 32, 16), SCSE.
+@dataclass(frozen=True)
+class UNetOptions:
+    """Options of the UNet-style models (`unet`, `siamese_unet`): encoder depth and decoder blocks.
 
     `decoder_block="conv"` (default) builds each decoder block from two dense 3x3 conv-BN-ReLU with SCSE
     (reduction 16), the classic UNet block; `"inverted_residual"` is the seed's own block (1x1 expand,
@@ -90,14 +77,36 @@ def unet(
     tf_efficientnet_lite3, never getting gradients). `trim_encoder=True` (default) removes them: same
     logits, a third of the parameters, faster, DDP-safe. False reproduces the seed's parameter count.
     """
-    decoder_channels = int_tuple(decoder_channels, "decoder_channels")
-    make_attention(attention, 1)  # validate early
-    levels = select_unet_levels(feature_levels(encoder, in_channels, encoder_kwargs), encoder_depth, encoder, decoder_channels)
-    enc = create_encoder(
-        encoder, in_channels, [lv.index for lv in levels], pretrained_path, trim=trim_encoder, encoder_kwargs=encoder_kwargs
-    )
-    return UNet(
-        enc, in_channels, outputs, decoder_channels,
-        kernel_size=kernel_size, expansion=expansion, attention=attention, attention_reduction=attention_reduction,
-        block=decoder_block,
-    )
+
+    encoder_depth: int = 4
+    decoder_channels: Sequence[int] | str = DEFAULT_DECODER_CHANNELS
+    attention: str | None = "scse"
+    attention_reduction: int | None = None
+    kernel_size: int = 5
+    expansion: int = 1
+    decoder_block: str = "conv"
+    trim_encoder: bool = True
+    encoder_kwargs: dict[str, Any] | None = None
+
+    def build_encoder(self, encoder: str, bands: int, pretrained_path: str | None
+                      ) -> tuple[torch.nn.Module, tuple[int, ...]]:
+        """The trimmed timm encoder over `bands` input channels and the checked decoder channels."""
+        decoder_channels = int_tuple(self.decoder_channels, "decoder_channels")
+        make_attention(self.attention, 1)  # validate early
+        levels = select_unet_levels(feature_levels(encoder, bands, self.encoder_kwargs), self.encoder_depth, encoder,
+                                    decoder_channels)
+        enc = create_encoder(encoder, bands, [lv.index for lv in levels], pretrained_path, trim=self.trim_encoder,
+                             encoder_kwargs=self.encoder_kwargs)
+        return enc, decoder_channels
+
+    def decoder_kwargs(self) -> dict[str, Any]:
+        return {"kernel_size": self.kernel_size, "expansion": self.expansion, "attention": self.attention,
+                "attention_reduction": self.attention_reduction, "block": self.decoder_block}
+
+
+@register_model("unet", options=UNetOptions)
+def unet(encoder: str, in_channels: int, outputs: Sequence[OutputGroup], pretrained_path: str | None = None,
+         options: UNetOptions = UNetOptions()) -> UNet:
+    """The seed's EffUNet: tf_efficientnet_lite3, depth 4, decoder (128, 64, 32, 16), SCSE (UNetOptions)."""
+    enc, decoder_channels = options.build_encoder(encoder, in_channels, pretrained_path)
+    return UNet(enc, in_channels, outputs, decoder_channels, **options.decoder_kwargs())

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
-from rsseg.errors import UserError
+from rsseg.errors import PortInUse, TritonNotInstalled, TritonServerError, UserError
 
 log = logging.getLogger(__name__)
 
@@ -40,18 +40,6 @@ LOOPBACK = "127.0.0.1"
 INSTALL_HINT = "install it with `bash scripts/setup.sh`"
 _STUB = "triton_python_backend_stub"
 _BACKEND_FILES = ("libtriton_python.so", "triton_python_backend_utils.py")
-
-
-class TritonNotInstalled(UserError):
-    """The Triton binary (from nvidia-pytriton) is missing or unusable in this environment."""
-
-
-class PortInUse(UserError):
-    """A port the server would listen on is taken."""
-
-
-class TritonServerError(RuntimeError):
-    """A server started by `TritonServer` exited or did not become ready; the message holds the log tail."""
 
 
 @dataclass(frozen=True)
