@@ -12,7 +12,7 @@ from pathlib import Path
 from pipelines._cli import parser_for, run
 from rsseg.config import MainConfig, PromoteConfig, TrainConfig, from_args
 from rsseg.data.datasets import PreparedData
-from rsseg.data.defaults import default_dataset
+from rsseg.data.defaults import PREPARED_ROOT, default_dataset
 from rsseg.data.prepare import prepare_dataset
 from rsseg.errors import PromotionRefused, UserError
 from rsseg.promotion import ask_server_once, promote
@@ -23,7 +23,7 @@ from rsseg.tracking import describe_version
 def main(argv: list[str] | None = None) -> int:
     config: MainConfig = from_args(MainConfig, parser_for(MainConfig, __doc__).parse_args(argv))
     if config.source:
-        prepared = Path("data/prepared") / Path(config.source).resolve().name
+        prepared = PREPARED_ROOT / Path(config.source).resolve().name
         prepare_dataset(config.source, prepared, overwrite=True)  # this job's own manifest, from an earlier run
     else:
         prepared = default_dataset()

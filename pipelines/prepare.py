@@ -7,7 +7,7 @@ from pathlib import Path
 
 from pipelines._cli import parser_for, run
 from rsseg.config import PrepareConfig, from_args, split_list
-from rsseg.data.defaults import default_dataset
+from rsseg.data.defaults import PREPARED_ROOT, default_dataset
 from rsseg.data.prepare import prepare_dataset
 
 
@@ -17,7 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     if not config.source:
         out = default_dataset()
     else:
-        out = Path(config.out or Path("data/prepared") / (config.name or Path(config.source).resolve().name))
+        out = Path(config.out or PREPARED_ROOT / (config.name or Path(config.source).resolve().name))
         prepare_dataset(
             config.source, out, layout=config.layout, task=config.task or None, name=config.name or None,
             tile_size=config.tile_size, overlap=config.overlap, folds=config.folds,

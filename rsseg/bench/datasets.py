@@ -12,6 +12,7 @@ import numpy as np
 
 from rsseg.config import TrainConfig
 from rsseg.data.datasets import PreparedData
+from rsseg.data.defaults import PREPARED_ROOT
 from rsseg.data.prepare import prepare_dataset
 from rsseg.errors import DataError
 from rsseg.training import TrainResult
@@ -44,7 +45,7 @@ RECIPES = {
 }
 
 
-def prepare_benchmark(name: str, data_root: Path = SHARED_DATA, out_root: Path = Path("data/prepared")) -> PreparedData:
+def prepare_benchmark(name: str, data_root: Path = SHARED_DATA, out_root: Path = PREPARED_ROOT) -> PreparedData:
     recipe = RECIPES[name]
     source = data_root / recipe.folder
     if not source.is_dir():

@@ -10,8 +10,10 @@ from rsseg.data.synthetic import generate_seaice
 
 log = logging.getLogger(__name__)
 
+# Where prepared datasets go unless the user names a folder (relative to the working directory).
+PREPARED_ROOT = Path("data/prepared")
 GENERATED_SOURCE = Path("data/generated/seaice")
-GENERATED_PREPARED = Path("data/prepared/generated-seaice")
+GENERATED_PREPARED = PREPARED_ROOT / "generated-seaice"
 # Small enough for the README's first command to train in minutes on a 2-core CPU.
 GENERATED_SCENES = 12
 GENERATED_SIZE = 512
