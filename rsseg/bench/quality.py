@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from rsseg.bench.datasets import benchmark_config, prepare_benchmark
+from rsseg.bench.peer import peer_predictor, train_peer
 from rsseg.config import TrainConfig
 from rsseg.data.datasets import PreparedData
 from rsseg.evaluation import (
@@ -29,7 +30,9 @@ from rsseg.evaluation import (
     served_predictor,
     whole_image_predictor,
 )
+from rsseg.export.onnx import export_onnx
 from rsseg.spec import ModelSpec
+from rsseg.training import train
 
 log = logging.getLogger(__name__)
 
@@ -47,10 +50,6 @@ def quality_row(name: str, data: PreparedData, config: TrainConfig, *, peer: boo
     """Train `config` (with its time budget) and, with `peer`, the peer script for the same budget, on the
     training scenes of `data`; score both on its validation scenes. The headline metric of ours (served
     path and whole image), of the peer, and the trivial baseline."""
-    from rsseg.bench.peer import peer_predictor, train_peer
-    from rsseg.export.onnx import export_onnx
-    from rsseg.training import train
-
     budget = config.time_budget
     scenes = labelled_scenes(data, "val")
     started = time.monotonic()

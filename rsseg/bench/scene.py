@@ -4,22 +4,31 @@ beside ONNX Runtime in process and a PyTorch eager loop."""
 from __future__ import annotations
 
 import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import rasterio
+import torch
+from rasterio.transform import from_origin
+from rasterio.windows import Window as RioWindow
 
-from rsseg.config import TrainConfig
+from rsseg.bench.setup import onnxruntime_logits, random_model, served
+from rsseg.data.transforms import normalize
+from rsseg.export.onnx import export_onnx
+from rsseg.promotion import sample_tile
 from rsseg.spec import DEFAULT_ENCODER
 
 
 def write_large_scene(path: Path, size: int, block: int = 1024, seed: int = 0) -> Path:
     """A size x size RGB uint8 GeoTIFF written block by block (bounded memory whatever the size):
     smooth bright floes on dark water, tiled and compressed like a delivered scene."""
-    import rasterio
-    from rasterio.transform import from_origin
-    from rasterio.windows import Window as RioWindow
-
     rng = np.random.default_rng(seed)
     profile = {"driver": "GTiff", "width": size, "height": size, "count": 3, "dtype": "uint8", "crs": "EPSG:3413",
                "transform": from_origin(-2_000_000, 1_000_000, 50, 50), "tiled": True, "blockxsize": 512,
@@ -42,40 +51,19 @@ def scene_benchmark(*, size: int = 8192, tile: int = 512, margin: int = 32, batc
                     shared_memory: str = "none") -> dict[str, Any]:
     """End to end through Triton (a real `python clients/segment.py` process, its peak RSS measured)
     against ONNX Runtime in process and a PyTorch eager loop, all on the seed UNet at `tile`."""
-    import subprocess
-    import sys
-    import tempfile
-    import time
-
-    import torch
-
-    from rsseg.data.transforms import normalize
-    from rsseg.export.onnx import export_onnx, onnx_session
-    from rsseg.promotion import sample_tile
-    from rsseg.serving.repository import ServingOptions, stage_promotion
-    from rsseg.serving.server import TritonServer
-    from rsseg.spec import DatasetSpec, default_colors
-    from rsseg.training import build_model
-
-    dataset = DatasetSpec(name="benchmark", task="binary", classes=["background", "ice"],
-                          colors=default_colors(2), bands=[1, 2, 3])
-    model, spec = build_model(TrainConfig(encoder=encoder), dataset, tile)
-    model.eval()
+    model, spec = random_model(tile, encoder, classes=("background", "ice"))
     result: dict[str, Any] = {"scene": f"{size}x{size}", "tile": tile, "margin": margin, "batch": batch,
                               "max_in_flight": max_in_flight, "encoder": encoder, "shared_memory": shared_memory}
     tiles = np.stack([sample_tile(spec, tile, seed=i) for i in range(reference_tiles)])
     with tempfile.TemporaryDirectory(prefix="rsseg-scene-bench-") as tmp:
         tmp_path = Path(tmp)
         onnx_path = export_onnx(model, spec, tmp_path / "model.onnx")
-
-        session = onnx_session(onnx_path)
-        feed = session.get_inputs()[0].name
+        run_ort = onnxruntime_logits(onnx_path, spec)
 
         def references() -> dict[str, float]:
             """Tiles/s of ONNX Runtime in process and of a PyTorch eager sliding-window loop (what users
             run today) on the same tiles, each after one warm-up batch."""
             rates = {}
-            run_ort = lambda b: session.run(None, {feed: np.stack([normalize(t, spec.dataset) for t in b])})[0]  # noqa: E731
             run_ort(tiles[:batch])
             start = time.perf_counter()
             for i in range(0, len(tiles), batch):
@@ -93,11 +81,7 @@ def scene_benchmark(*, size: int = 8192, tile: int = 512, margin: int = 32, batc
         before = references()
 
         scene = write_large_scene(tmp_path / "scene.tif", size)
-        repo = tmp_path / "repo"
-        stage_promotion(tmp_path / "none", repo, "bench", spec, onnx_path,
-                        ServingOptions(max_batch_size=batch * max_in_flight), {"benchmark": True})
-        with TritonServer(repo) as server:
-            server.wait_model_ready("bench")
+        with served(tmp_path, spec, onnx_path, batch * max_in_flight) as server:
             client = Path(__file__).resolve().parents[2] / "clients" / "segment.py"
             start = time.perf_counter()
             done = subprocess.run([sys.executable, str(client), str(scene), "--out", str(tmp_path / "out"),
@@ -137,9 +121,6 @@ def scene_benchmark(*, size: int = 8192, tile: int = 512, margin: int = 32, batc
 def triton_step_times(metrics_url: str) -> dict[str, dict[str, float]]:
     """Per served model, from Triton's Prometheus metrics: tiles, executions (batches), seconds queued
     and computing, and tiles per compute second; where the end-to-end time went inside the server."""
-    import re
-    import urllib.request
-
     with urllib.request.urlopen(f"http://{metrics_url}/metrics", timeout=10) as response:
         text = response.read().decode()
     wanted = {"nv_inference_count": "tiles", "nv_inference_exec_count": "executions",
