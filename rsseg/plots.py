@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
 
 import matplotlib
 
@@ -10,8 +10,14 @@ matplotlib.use("Agg")  # headless machines; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-if TYPE_CHECKING:
-    from rsseg.training import Overlay
+
+@dataclass
+class Overlay:
+    """One validation tile as the overlays figure shows it."""
+
+    image: np.ndarray  # HxWx3 uint8 (first three bands, de-normalised)
+    target: np.ndarray  # HxW class indices
+    prediction: np.ndarray  # HxW class indices
 
 
 def confusion_matrix_figure(matrix: np.ndarray, class_names: list[str]) -> plt.Figure:

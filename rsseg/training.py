@@ -39,20 +39,12 @@ from rsseg.optim import (
     resolve_precision,
     set_lr,
 )
+from rsseg.plots import Overlay
 from rsseg.spec import DatasetSpec, ModelSpec, accepted_tile_sizes, output_groups_for
 
 log = logging.getLogger(__name__)
 
 EpochCallback = Callable[[int, dict[str, float]], None]
-
-# The largest window a served model is asked for (the seeds predicted images up to 1024 px whole).
-
-
-@dataclass
-class Overlay:
-    image: np.ndarray  # HxWx3 uint8 (first three bands, de-normalised)
-    target: np.ndarray  # HxW class indices
-    prediction: np.ndarray  # HxW class indices
 
 
 @dataclass
