@@ -49,7 +49,7 @@ from rsseg.client import (
     segment_scene,
     write_preview,
 )
-from rsseg.client import scene as scene_module
+from rsseg.client import progress as progress_module
 from rsseg.client.windows import blend_ramp
 from rsseg.client.writer import ClassMapWriter
 from rsseg.data.synthetic import north_up, smooth_noise, write_geotiff
@@ -456,7 +456,7 @@ def test_huge_sparse_scene_reads_only_its_data(tmp_path: Path, caplog: pytest.Lo
     """20000 x 20000 with a small patch of data: a size line first, an ETA, and only the windows near the
     patch are read, so it takes seconds (not the minutes 10,000 windows of reads would)."""
     caplog.set_level(logging.INFO)
-    monkeypatch.setattr(scene_module, "ETA_FIRST_S", 0.0)  # this scene takes about as long
+    monkeypatch.setattr(progress_module, "ETA_FIRST_S", 0.0)  # this scene takes about as long
     patch = scene_image((300, 500), seed=3) | 1
     path = write_patches(tmp_path / "huge.tif", (20000, 20000), {(6000, 9000): patch}, sparse=True)
     spec = make_spec(STRIDE)

@@ -6,13 +6,9 @@ predictions and streams a class-map GeoTIFF (plus, on request, a colour preview 
 `predict` can be anything: ONNX Runtime in the tests, Triton's gRPC client in production.
 """
 
-from rsseg.client.scene import (
-    MODES,
-    Predict,
-    SceneSummary,
-    default_margin,
-    segment_scene,
-)
+from rsseg.client.modes import MODES, default_margin
+from rsseg.client.request_loop import Predict
+from rsseg.client.scene import SceneSummary, segment_scene
 from rsseg.client.stitch import NODATA, class_maps_from_probabilities
 from rsseg.client.windows import (
     PlannedWindow,

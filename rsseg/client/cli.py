@@ -25,12 +25,12 @@ from pathlib import Path
 import rasterio
 from rasterio.errors import RasterioError
 
-from rsseg import contract
 from rsseg.client.jobs import Job, plan_jobs
 from rsseg.client.leftovers import remove_stale_temps
 from rsseg.client.memory import peak_rss_mb
+from rsseg.client.modes import MODES
 from rsseg.client.pairs import stack_pair
-from rsseg.client.scene import MODES, segment_scene
+from rsseg.client.scene import segment_scene
 from rsseg.client.triton import SHARED_MEMORY, TritonSegmenter
 from rsseg.client.writer import temp_path
 from rsseg.contract import TTA_MODES
@@ -265,10 +265,7 @@ def _remove_unused(out: Path, created: list[Path]) -> None:
 
 def predictor(segmenter: TritonSegmenter, mode: str, probabilities: bool):
     """segment_scene's `predict`: the served outputs the mode (and --probabilities) needs."""
-    if mode == "blend":
-        outputs: tuple[str, ...] = (contract.PROBABILITIES,)
-    else:
-        outputs = (contract.CLASS_MAP, contract.PROBABILITIES) if probabilities else (contract.CLASS_MAP,)
+    outputs = MODES[mode].outputs(probabilities)
     return lambda tiles: segmenter(tiles, outputs)
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import rasterio
 
+from rsseg.data.raster import write_stacked_vrt
 from rsseg.errors import DataError
 
 
@@ -31,20 +32,4 @@ def stack_pair(before: Path, after: Path, bands: list[int], vrt: Path) -> Path:
         for path, src in ((before, a), (after, b)):
             if max(bands) > src.count:
                 raise DataError(f"{path}: has {src.count} band(s), needs {bands}; choose bands with --bands")
-        dtype = {"uint8": "Byte", "uint16": "UInt16"}.get(a.dtypes[0], a.dtypes[0])
-        parts = []
-        for path, src in ((before, a), (after, b)):
-            for band in bands:
-                parts.append(
-                    f'<VRTRasterBand dataType="{dtype}" band="{len(parts) + 1}"><SimpleSource>'
-                    f'<SourceFilename relativeToVRT="0">{Path(path).resolve()}</SourceFilename>'
-                    f"<SourceBand>{band}</SourceBand></SimpleSource></VRTRasterBand>")
-        geo = ", ".join(repr(v) for v in a.transform.to_gdal())
-        crs = f"<SRS>{a.crs.to_wkt()}</SRS>" if a.crs else ""
-        nodata = a.nodata
-    text = (f'<VRTDataset rasterXSize="{a.width}" rasterYSize="{a.height}">{crs}'
-            f"<GeoTransform>{geo}</GeoTransform>{''.join(parts)}</VRTDataset>")
-    if nodata is not None:
-        text = text.replace("<SimpleSource>", f"<NoDataValue>{nodata}</NoDataValue><SimpleSource>")
-    vrt.write_text(text)
-    return vrt
+        return write_stacked_vrt(vrt, (before, after), bands, a)

@@ -1,4 +1,6 @@
-"""Putting window predictions back together: centre-keep strips and weighted probability blending.
+"""Putting window predictions back together: centre-keep strips and weighted probability blending,
+and the stitchers that drive them row of windows by row of windows (the `Stitcher` interface the
+request loop calls).
 
 Both keep only what is needed for the current row of windows (plus, for blending, the rows still
 overlapped by the next row of windows), so memory does not grow with the scene height.
@@ -6,7 +8,9 @@ overlapped by the next row of windows), so memory does not grow with the scene h
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import numpy as np
 
@@ -132,3 +136,89 @@ class BlendBand:
         self.acc, self.weight, self.valid = self.acc[:, n:], self.weight[n:], self.valid[n:]
         self.top += n
         return top, maps, probs
+
+
+# ------------------------------------------------------------------------------------------------ stitchers
+
+
+class RowSink(Protocol):
+    """Where finished rows go (the scene's writers). `probabilities` is called only when they are
+    written, so a strip converts them only when asked for."""
+
+    def write(self, row: int, maps: np.ndarray, probabilities: Callable[[], np.ndarray]) -> None: ...
+
+
+class Stitcher(ABC):
+    """What the request loop drives: rows of windows are started and read in order, each window's
+    validity is set as it is read, predictions are put as they arrive (any order within the open rows),
+    and row `i` is finished once it is fully read and its last prediction is in, rows in order."""
+
+    def start_row(self, i: int, row: list[PlannedWindow]) -> None:
+        """Row of windows `i` is about to be read (nothing to prepare by default)."""
+
+    @abstractmethod
+    def set_valid(self, w: PlannedWindow, valid: np.ndarray) -> None:
+        """The window's [size, size] validity, for the pixels it contributes."""
+
+    @abstractmethod
+    def skip(self, w: PlannedWindow, valid: np.ndarray) -> bool:
+        """True when no pixel the window contributes is valid: predict is not called for it."""
+
+    @abstractmethod
+    def put(self, w: PlannedWindow, maps: np.ndarray | None, probabilities: np.ndarray | None) -> None:
+        """The window's prediction: [G, size, size] class maps and/or [K, size, size] probabilities."""
+
+    @abstractmethod
+    def finish_row(self, i: int) -> None:
+        """Row of windows `i` is complete: write what no later window changes."""
+
+
+class CentreStitcher(Stitcher):
+    """Centre-keep: one CentreStrip per row of windows, written when the row's last result arrives."""
+
+    def __init__(self, output: RowSink, heads: int, width: int, channels: int) -> None:
+        self.output, self.heads, self.width, self.channels = output, heads, width, channels
+        self.strips: dict[int, CentreStrip] = {}
+
+    def start_row(self, i: int, row: list[PlannedWindow]) -> None:
+        self.strips[i] = CentreStrip(row, self.heads, self.width, self.channels)
+
+    def set_valid(self, w: PlannedWindow, valid: np.ndarray) -> None:
+        self.strips[w.grid_row].set_valid(w, valid)
+
+    @staticmethod
+    def skip(w: PlannedWindow, valid: np.ndarray) -> bool:
+        k = w.keep
+        return not valid[k.row:k.row + k.height, k.col:k.col + k.width].any()
+
+    def put(self, w: PlannedWindow, maps: np.ndarray | None, probabilities: np.ndarray | None) -> None:
+        self.strips[w.grid_row].put(w, maps, probabilities)
+
+    def finish_row(self, i: int) -> None:
+        strip = self.strips.pop(i)
+        self.output.write(strip.row, strip.finish(), strip.finish_probabilities)
+
+
+class BlendStitcher(Stitcher):
+    """Blending: one BlendBand over the open rows; when a row of windows is complete, the rows above the
+    next row of windows get no more contributions and are written."""
+
+    def __init__(self, output: RowSink, band: BlendBand, row_starts: list[int], height: int) -> None:
+        self.output, self.band = output, band
+        self.next_start = row_starts[1:] + [height]
+
+    def set_valid(self, w: PlannedWindow, valid: np.ndarray) -> None:
+        self.band.set_valid(w, valid)
+
+    @staticmethod
+    def skip(w: PlannedWindow, valid: np.ndarray) -> bool:
+        return not valid[:w.out.height, :w.out.width].any()
+
+    def put(self, w: PlannedWindow, maps: np.ndarray | None, probabilities: np.ndarray | None) -> None:
+        self.band.add(w, probabilities)
+
+    def finish_row(self, i: int) -> None:
+        popped = self.band.pop_until(self.next_start[i])
+        if popped is not None:
+            top, maps, probabilities = popped
+            self.output.write(top, maps, lambda: probabilities)

@@ -1,4 +1,5 @@
-"""Raster reading through rasterio (GeoTIFF, COG, PNG, JPEG, ...), always by window."""
+"""Raster reading through rasterio (GeoTIFF, COG, PNG, JPEG, ...), always by window; VRTs that read
+several files as one raster."""
 
 from __future__ import annotations
 
@@ -6,8 +7,10 @@ import logging
 import os
 import stat
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import rasterio
@@ -91,3 +94,25 @@ def gdal_cause(exc: BaseException) -> str:
             messages.append(text.splitlines()[0])
         current = current.__cause__ or current.__context__
     return (messages[-1] if messages else type(exc).__name__)[:300]
+
+
+def write_stacked_vrt(vrt: Path, paths: Sequence[str | Path], bands: Sequence[int], grid: Any) -> Path:
+    """Write a VRT whose bands are `bands` of each file of `paths` in turn, so that they are read as one
+    raster by the same windows. `grid`: the first file, open; its grid, data type and nodata are the
+    VRT's (check the files share that grid first)."""
+    dtype = {"uint8": "Byte", "uint16": "UInt16"}.get(grid.dtypes[0], grid.dtypes[0])
+    parts = []
+    for path in paths:
+        for band in bands:
+            parts.append(
+                f'<VRTRasterBand dataType="{dtype}" band="{len(parts) + 1}"><SimpleSource>'
+                f'<SourceFilename relativeToVRT="0">{Path(path).resolve()}</SourceFilename>'
+                f"<SourceBand>{band}</SourceBand></SimpleSource></VRTRasterBand>")
+    geo = ", ".join(repr(v) for v in grid.transform.to_gdal())
+    crs = f"<SRS>{grid.crs.to_wkt()}</SRS>" if grid.crs else ""
+    text = (f'<VRTDataset rasterXSize="{grid.width}" rasterYSize="{grid.height}">{crs}'
+            f"<GeoTransform>{geo}</GeoTransform>{''.join(parts)}</VRTDataset>")
+    if grid.nodata is not None:
+        text = text.replace("<SimpleSource>", f"<NoDataValue>{grid.nodata}</NoDataValue><SimpleSource>")
+    vrt.write_text(text)
+    return vrt
