@@ -39,6 +39,14 @@ class TritonServerError(RuntimeError):
     """A server started by `TritonServer` exited or did not become ready; the message holds the log tail."""
 
 
+class ServerUnavailable(UserError):
+    """No server answered at a URL after the retries."""
+
+
+class InferenceFailed(UserError):
+    """A request kept failing after the retries."""
+
+
 def first_line(exc: object, limit: int = 200) -> str:
     """An exception's first line for a one-line message (its type's name when it has no text)."""
     text = str(exc).strip()

@@ -1,4 +1,5 @@
-"""Scene throughput: a generated scene end to end through a real `clients/segment.py` and Triton,
+"""Scene throughput: a generated scene end to end through a real client process (the code of
+`clients/segment.py`, run as `python -m rsseg.client.cli`) and Triton,
 beside ONNX Runtime in process and a PyTorch eager loop."""
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ def write_large_scene(path: Path, size: int, block: int = 1024, seed: int = 0) -
 def scene_benchmark(*, size: int = 8192, tile: int = 512, margin: int = 32, batch: int = 4, max_in_flight: int = 2,
                     reference_tiles: int = 16, encoder: str = DEFAULT_ENCODER,
                     shared_memory: str = "none") -> dict[str, Any]:
-    """End to end through Triton (a real `python clients/segment.py` process, its peak RSS measured)
+    """End to end through Triton (a real client process, its peak memory from its scene summary)
     against ONNX Runtime in process and a PyTorch eager loop, all on the seed UNet at `tile`."""
     model, spec = random_model(tile, encoder, classes=("background", "ice"))
     result: dict[str, Any] = {"scene": f"{size}x{size}", "tile": tile, "margin": margin, "batch": batch,
@@ -82,9 +83,8 @@ def scene_benchmark(*, size: int = 8192, tile: int = 512, margin: int = 32, batc
 
         scene = write_large_scene(tmp_path / "scene.tif", size)
         with served(tmp_path, spec, onnx_path, batch * max_in_flight) as server:
-            client = Path(__file__).resolve().parents[2] / "clients" / "segment.py"
             start = time.perf_counter()
-            done = subprocess.run([sys.executable, str(client), str(scene), "--out", str(tmp_path / "out"),
+            done = subprocess.run([sys.executable, "-m", "rsseg.client.cli", str(scene), "--out", str(tmp_path / "out"),
                                    "--url", server.grpc_url, "--tile", str(tile), "--margin", str(margin),
                                    "--batch", str(batch), "--max-in-flight", str(max_in_flight),
                                    "--shared-memory", shared_memory, "--no-progress"],
@@ -99,7 +99,7 @@ def scene_benchmark(*, size: int = 8192, tile: int = 512, margin: int = 32, batc
             result[f"{name}_tiles_per_s_after"] = after[name]
             result[f"{name}_tiles_per_s"] = (before[name] + after[name]) / 2
         if done.returncode != 0:
-            raise RuntimeError(f"segment.py failed: {done.stderr[-2000:]}")
+            raise RuntimeError(f"the scene client failed: {done.stderr[-2000:]}")
         summary = json.loads((tmp_path / "out" / "scene.json").read_text())
     megapixels = size * size / 1e6
     windows = summary["windows_predicted"]

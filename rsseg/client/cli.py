@@ -296,3 +296,5 @@ def check_scene(path: Path, segmenter: TritonSegmenter, bands: list[int] | None)
                         "convert the scene (e.g. gdal_translate -ot) or serve a model trained on this dtype")
 
 
+if __name__ == "__main__":  # python -m rsseg.client.cli, as clients/segment.py
+    sys.exit(main())

@@ -17,18 +17,10 @@ import numpy as np
 from rsseg import contract
 from rsseg.client.leftovers import remove_stale_shared_memory
 from rsseg.contract import TTA_MODES
-from rsseg.errors import UserError, first_line
+from rsseg.errors import InferenceFailed, ServerUnavailable, UserError, first_line
 from rsseg.spec import ModelSpec
 
 log = logging.getLogger(__name__)
-
-class ServerUnavailable(UserError):
-    """No server answered at a URL after the retries."""
-
-
-class InferenceFailed(UserError):
-    """A request kept failing after the retries."""
-
 
 SHARED_MEMORY = ("none", "system")
 OUTPUT_DTYPES = {name: np.dtype(dtype) for name, (_, dtype) in contract.OUTPUT_TYPES.items()}
