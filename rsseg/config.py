@@ -64,8 +64,9 @@ class TrainConfig:
     dice_weight: float = _opt(1.0, "weight of class-wise Dice in the loss")
     label_smoothing: float = _opt(0.0, "cross-entropy label smoothing")
     class_weights: str = _opt("", "comma-separated cross-entropy class weights; empty: none")
-    augment: str = _opt("hflip,rot90", "comma-separated augmentations (hflip, vflip, rot90, transpose, swap_dates: binary change "
-                       "pairs also seen as B -> A; none)")
+    augment: str = _opt("hflip,rot90", "comma-separated augmentations (hflip, vflip, rot90, transpose, scale: zoom 0.75-1.33x, "
+                       "jitter: brightness/contrast/band gains, swap_dates: binary change pairs also seen as "
+                       "B -> A; none)")
     sampling: str = _opt("random", "training windows: random positions anywhere in the training scenes, new each "
                          "epoch, or the prepared tile grid", ("random", "grid"))
     crop_size: int = _opt(0, "size of the random training windows (0: the prepared tile size)")

@@ -137,6 +137,30 @@ def test_swap_dates_exchanges_the_channel_halves():
     np.testing.assert_array_equal(swapped, np.concatenate([pair[..., 3:], pair[..., :3]], axis=-1))
 
 
+@pytest.mark.parametrize("dtype", [np.uint8, np.uint16])
+def test_band_jitter_keeps_dtype_range_and_replays_with_the_seed(dtype):
+    top = np.iinfo(dtype).max
+    tile = np.random.default_rng(0).integers(0, top, (16, 16, 6), dtype=dtype, endpoint=True)
+    jitter = build_augmentation("jitter")
+    jitter.set_random_seed(5)
+    outputs = [jitter(image=tile)["image"] for _ in range(8)]
+    assert all(o.dtype == dtype and o.shape == tile.shape for o in outputs)
+    assert any(not np.array_equal(o, tile) for o in outputs)  # p = 0.5: some tiles change
+    jitter.set_random_seed(5)
+    np.testing.assert_array_equal(jitter(image=tile)["image"], outputs[0])
+
+
+def test_scale_augmentation_keeps_mask_classes():
+    image = np.random.default_rng(1).integers(0, 255, (64, 64, 4), dtype=np.uint8)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[:, 32:] = 2
+    scale = build_augmentation("scale")
+    scale.set_random_seed(0)
+    for _ in range(6):
+        out = scale(image=image, mask=mask)
+        assert out["image"].shape == image.shape and set(np.unique(out["mask"])) <= {0, 2}  # nearest, no blends
+
+
 def test_time_budget_stops_training(seaice_prepared, tmp_path):
     data = PreparedData.load(seaice_prepared)
     result = train(tiny_config(seaice_prepared, tmp_path, epochs=50, time_budget=0.01), data)

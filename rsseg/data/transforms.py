@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import albumentations as A
+import cv2
 import numpy as np
 
 from rsseg.errors import ConfigError
@@ -27,14 +28,46 @@ class SwapDates(A.ImageOnlyTransform):
         return ()
 
 
+class BandJitter(A.ImageOnlyTransform):
+    """Radiometric jitter for any band count and dtype: one brightness gain for the tile, a contrast
+    factor around each band's mean and a small gain per band, clipped to the dtype's range (scenes from
+    other dates, sensors or processing differ like this; albumentations' colour transforms assume RGB
+    uint8 or float)."""
+
+    def __init__(self, brightness: float = 0.2, contrast: float = 0.2, band_gain: float = 0.05,
+                 p: float = 0.5) -> None:
+        super().__init__(p=p)
+        self.brightness, self.contrast, self.band_gain = brightness, contrast, band_gain
+
+    def get_params(self) -> dict[str, Any]:
+        rng = self.random_generator
+        return {"brightness": rng.uniform(1 - self.brightness, 1 + self.brightness),
+                "contrast": rng.uniform(1 - self.contrast, 1 + self.contrast),
+                "seed": int(rng.integers(2**31))}
+
+    def apply(self, img: np.ndarray, brightness: float = 1.0, contrast: float = 1.0, seed: int = 0,
+              **params: Any) -> np.ndarray:
+        gains = np.random.default_rng(seed).uniform(1 - self.band_gain, 1 + self.band_gain, img.shape[-1])
+        pixels = img.astype(np.float32)
+        mean = pixels.reshape(-1, img.shape[-1]).mean(axis=0)
+        out = ((pixels - mean) * contrast + mean) * brightness * gains
+        return np.clip(out, 0, np.iinfo(img.dtype).max if img.dtype.kind == "u" else None).astype(img.dtype)
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("brightness", "contrast", "band_gain")
+
+
 # Name -> albumentations transform. Geometric ones only by default: they are safe for every band
-# count and dtype (the seed used HorizontalFlip and RandomRotate90).
+# count and dtype (the seed used HorizontalFlip and RandomRotate90). `scale` zooms 0.75-1.33x (masks
+# nearest-neighbour, borders mirrored); `jitter` is BandJitter.
 _AUGMENTATIONS = {
     "hflip": lambda: A.HorizontalFlip(p=0.5),
     "vflip": lambda: A.VerticalFlip(p=0.5),
     "rot90": lambda: A.RandomRotate90(p=0.5),
     "transpose": lambda: A.Transpose(p=0.5),
     "swap_dates": lambda: SwapDates(p=0.5),
+    "scale": lambda: A.Affine(scale=(0.75, 1.33), keep_ratio=True, border_mode=cv2.BORDER_REFLECT_101, p=0.5),
+    "jitter": lambda: BandJitter(p=0.5),
 }
 DATE_AUGMENTATIONS = ("swap_dates",)  # for binary change pairs only
 
