@@ -30,11 +30,11 @@ EXTRA = """\
     command: "python -m pipelines.bench_quality --dataset {dataset} --budget {budget}"
   bench_serving:
     parameters:
-      tile_size: {type: float, default: 512}
+      tile: {type: float, default: 512}
       tiles: {type: float, default: 16}
       batch: {type: float, default: 4}
-      concurrency: {type: float, default: 2}
-    command: "python -m pipelines.bench_serving --tile-size {tile_size} --tiles {tiles} --batch {batch} --concurrency {concurrency}"
+      max_in_flight: {type: float, default: 2}
+    command: "python -m pipelines.bench_serving --tile {tile} --tiles {tiles} --batch {batch} --max-in-flight {max_in_flight}"
   bench_scene:
     parameters:
       size: {type: float, default: 8192}

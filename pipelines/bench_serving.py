@@ -8,18 +8,19 @@ import json
 
 from pipelines._cli import run
 from rsseg.bench.serving import serving_benchmark
+from rsseg.spec import DEFAULT_ENCODER
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--tile-size", type=int, default=512)
+    parser.add_argument("--tile", type=int, default=512, help="tile size in pixels")
     parser.add_argument("--tiles", type=int, default=16)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--concurrency", type=int, default=2)
-    parser.add_argument("--encoder", default="tf_efficientnet_lite3")
+    parser.add_argument("--max-in-flight", type=int, default=2, help="requests in flight at once")
+    parser.add_argument("--encoder", default=DEFAULT_ENCODER)
     args = parser.parse_args(argv)
-    print(json.dumps(serving_benchmark(tile_size=args.tile_size, tiles=args.tiles, batch=args.batch,
-                                       concurrency=args.concurrency, encoder=args.encoder)), flush=True)
+    print(json.dumps(serving_benchmark(tile=args.tile, tiles=args.tiles, batch=args.batch,
+                                       max_in_flight=args.max_in_flight, encoder=args.encoder)), flush=True)
     return 0
 
 

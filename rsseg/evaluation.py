@@ -20,14 +20,14 @@ from typing import Any
 import numpy as np
 import rasterio
 
+from rsseg import heads
 from rsseg.data.datasets import PreparedData
 from rsseg.data.masks import mask_targets, read_mask
 from rsseg.data.raster import read_window
 from rsseg.data.transforms import normalize
+from rsseg.heads import CHANGE, CLASSES, SEMANTIC
 from rsseg.inference import class_maps
 from rsseg.metrics import ChangeMetrics, ConfusionMatrix, binary_metrics
-from rsseg import heads
-from rsseg.heads import CHANGE, SEMANTIC
 from rsseg.spec import ModelSpec
 
 # A scene predictor: labelled scene -> {output group: HxW class map} at the scene's full size.
@@ -49,7 +49,7 @@ class Evaluator:
 
     @property
     def main_group(self) -> str:
-        return "change" if self.spec.dataset.task == "change" else "classes"
+        return CHANGE if self.spec.dataset.task == "change" else CLASSES
 
     @property
     def class_names(self) -> list[str]:

@@ -351,22 +351,3 @@ def test_change_pair_is_read_over_the_same_windows(served_change, tmp_path, caps
 def read_transform(path: Path) -> tuple[float, ...]:
     with rasterio.open(path) as f:
         return f.transform.to_gdal()
-
-
-@pytest.mark.slow
-def test_scene_benchmark_runs_small(capsys):
-    """`python -m pipelines.bench_scene` end to end on a small scene and the tiny encoder: every figure
-    the README quotes is there and plausible (the real figures come from the 8192² and 20000² runs)."""
-    from pipelines.bench_scene import main as bench_main
-
-    assert bench_main(["--size", "1000", "--tile", "256", "--margin", "32", "--reference-tiles", "4",
-                       "--encoder", "test_efficientnet", "--shared-memory", "system"]) == 0
-    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert result["windows"] == 25  # ceil(1000 / 192)^2 windows of 256 at stride 192
-    for key in ("end_to_end_megapixels_per_s", "onnxruntime_tiles_per_s_before", "onnxruntime_tiles_per_s_after",
-                "pytorch_eager_tiles_per_s", "ratio_end_to_end_to_onnxruntime_tiles", "client_peak_rss_mb"):
-        assert result[key] > 0, key
-    assert result["end_to_end_megapixels_per_s"] == pytest.approx(1.0 / result["end_to_end_s"], rel=0.01)
-    steps = result["server_steps"]  # from Triton's metrics: every window went through every step once
-    assert steps["bench"]["tiles"] == steps["bench-segmenter"]["tiles"] == 25
-    assert steps["bench-segmenter"]["compute_s"] > 0

@@ -19,14 +19,14 @@ from rsseg.promotion import sample_tile
 from rsseg.spec import DEFAULT_ENCODER
 
 
-def serving_benchmark(*, tile_size: int = 512, tiles: int = 16, batch: int = 4, concurrency: int = 2,
+def serving_benchmark(*, tile: int = 512, tiles: int = 16, batch: int = 4, max_in_flight: int = 2,
                       encoder: str = DEFAULT_ENCODER) -> dict[str, Any]:
     """Tiles/s of the seed UNet through the Triton ensemble (gRPC) and through ONNX Runtime in one
     process, on the same raw tiles, doing the same work (normalise, model, argmax)."""
-    model, spec = random_model(tile_size, encoder)
-    raw = np.stack([sample_tile(spec, tile_size, seed=i) for i in range(tiles)])
+    model, spec = random_model(tile, encoder)
+    raw = np.stack([sample_tile(spec, tile, seed=i) for i in range(tiles)])
     batches = [raw[i : i + batch] for i in range(0, tiles, batch)]
-    result: dict[str, Any] = {"tile_size": tile_size, "tiles": tiles, "batch": batch, "concurrency": concurrency,
+    result: dict[str, Any] = {"tile": tile, "tiles": tiles, "batch": batch, "max_in_flight": max_in_flight,
                               "encoder": encoder}
     with tempfile.TemporaryDirectory(prefix="rsseg-bench-") as tmp:
         onnx_path = export_onnx(model, spec, Path(tmp) / "model.onnx")
@@ -41,7 +41,7 @@ def serving_benchmark(*, tile_size: int = 512, tiles: int = 16, batch: int = 4, 
             ort_batch(b)
         result["onnxruntime_tiles_per_s"] = tiles / (time.perf_counter() - start)
 
-        with served(Path(tmp), spec, onnx_path, batch * concurrency) as server:
+        with served(Path(tmp), spec, onnx_path, batch * max_in_flight) as server:
             with connect(server.grpc_url) as probe:
                 limit = served_spec(probe, BENCH_MODEL)["triton"]["max_message_bytes"]
             with connect(server.grpc_url, limit) as client:
@@ -53,22 +53,22 @@ def serving_benchmark(*, tile_size: int = 512, tiles: int = 16, batch: int = 4, 
                 # A segmentation client asks for the class map only.
                 client.infer(BENCH_MODEL, [request(batches[0])], outputs=[grpcclient.InferRequestedOutput(contract.CLASS_MAP)])
                 start = time.perf_counter()
-                _infer_with_concurrency(client, BENCH_MODEL, [request(b) for b in batches], concurrency)
+                _infer_in_flight(client, BENCH_MODEL, [request(b) for b in batches], max_in_flight)
                 result["triton_tiles_per_s"] = tiles / (time.perf_counter() - start)
     result["ratio_triton_to_onnxruntime"] = result["triton_tiles_per_s"] / result["onnxruntime_tiles_per_s"]
-    megapixels = tile_size * tile_size / 1e6
+    megapixels = tile * tile / 1e6
     result["triton_megapixels_per_s"] = result["triton_tiles_per_s"] * megapixels
     result["onnxruntime_megapixels_per_s"] = result["onnxruntime_tiles_per_s"] * megapixels
     return {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}
 
 
-def _infer_with_concurrency(client: Any, model: str, requests: list[Any], concurrency: int) -> None:
-    """Keep `concurrency` requests in flight until all are answered; raise the first error."""
+def _infer_in_flight(client: Any, model: str, requests: list[Any], max_in_flight: int) -> None:
+    """Keep `max_in_flight` requests in flight until all are answered; raise the first error."""
     done: queue.Queue = queue.Queue()
     pending = list(requests)
     in_flight = 0
     while pending or in_flight:
-        while pending and in_flight < concurrency:
+        while pending and in_flight < max_in_flight:
             client.async_infer(model, [pending.pop(0)], callback=lambda result, error: done.put(error),
                                outputs=[grpcclient.InferRequestedOutput(contract.CLASS_MAP)])
             in_flight += 1

@@ -17,6 +17,7 @@ from rasterio.windows import Window as RioWindow
 
 from rsseg.data.tiling import Window
 from rsseg.errors import DataError, first_line
+from rsseg.heads import CHANGE, CLASSES, SEMANTIC
 from rsseg.spec import DatasetSpec
 
 log = logging.getLogger(__name__)
@@ -156,16 +157,16 @@ def change_targets(raw_a: np.ndarray, raw_b: np.ndarray | None, spec: DatasetSpe
     ignore = np.uint8(spec.ignore_index)
     a = decode_mask(raw_a, spec)
     if not spec.semantic_classes:
-        return {"change": a}
+        return {CHANGE: a}
     if raw_b is None:
         raise ValueError(f"dataset spec {spec.name!r}: semantic change targets need both label maps")
     b = decode_mask(raw_b, spec)
     a_ignored = a == ignore
     change = np.where(a_ignored, ignore, (a != 0).astype(np.uint8)).astype(np.uint8)
     return {
-        "change": change,
-        "semantic_a": np.where(a == 0, ignore, a).astype(np.uint8),
-        "semantic_b": np.where(b == 0, ignore, b).astype(np.uint8),
+        CHANGE: change,
+        SEMANTIC[0]: np.where(a == 0, ignore, a).astype(np.uint8),
+        SEMANTIC[1]: np.where(b == 0, ignore, b).astype(np.uint8),
     }
 
 
@@ -173,4 +174,4 @@ def mask_targets(raw: np.ndarray, raw_b: np.ndarray | None, spec: DatasetSpec) -
     """All target maps of one sample, keyed by output-group name (see `rsseg.spec.output_groups_for`)."""
     if spec.task == "change":
         return change_targets(raw, raw_b, spec)
-    return {"classes": decode_mask(raw, spec)}
+    return {CLASSES: decode_mask(raw, spec)}

@@ -15,6 +15,7 @@ import numpy as np
 from rsseg.errors import ConfigError
 from rsseg.spec import DatasetSpec
 
+
 class SwapDates(A.ImageOnlyTransform):
     """Exchange the two dates of a change pair (the first and second half of the channels): "changed" is
     the same either way, so each pair is also seen as B -> A. Binary change only: semantic maps of the
