@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 
 from rsseg.errors import PortInUse, TritonNotInstalled, TritonServerError
+from rsseg.serving import install
 from rsseg.serving import server as triton
 from rsseg.serving.server import TritonServer
 
@@ -71,7 +72,7 @@ def write_repository(root: Path) -> Path:
     return root / "repo"
 
 
-needs_pytriton = pytest.mark.skipif(triton.locate_pytriton() is None, reason="nvidia-pytriton not installed")
+needs_pytriton = pytest.mark.skipif(install.locate_pytriton() is None, reason="nvidia-pytriton not installed")
 
 
 @pytest.fixture(scope="module")
@@ -281,7 +282,7 @@ def test_failed_start_raises_with_log_tail(tmp_path: Path) -> None:
 
 def test_missing_pytriton_is_one_line_and_exit_2(monkeypatch: pytest.MonkeyPatch,
                                                  capsys: pytest.CaptureFixture[str]) -> None:
-    monkeypatch.setattr(triton, "locate_pytriton", lambda: None)
+    monkeypatch.setattr(install, "locate_pytriton", lambda: None)
     with pytest.raises(SystemExit) as exited:
         triton.main(["--model-repository", "triton_repo"])
     assert exited.value.code == 2

@@ -1,11 +1,6 @@
 """Serving with Triton Inference Server: the `tritonserver` command and a test/benchmark harness."""
 
-from rsseg.serving.server import (
-    TritonNotInstalled,
-    TritonServer,
-    TritonServerError,
-    main,
-    server_command,
-)
+from rsseg.errors import TritonNotInstalled, TritonServerError
+from rsseg.serving.server import TritonServer, main, server_command
 
 __all__ = ["TritonNotInstalled", "TritonServer", "TritonServerError", "main", "server_command"]
