@@ -1,4 +1,5 @@
-"""End to end through MLflow: `mlflow run . -e train --env-manager local` registers a version."""
+"""End to end through MLflow: `mlflow run . -e train --env-manager local` registers a version; the main
+job (the README's first command) trains, registers, promotes and asks the real server."""
 
 from __future__ import annotations
 
@@ -87,3 +88,23 @@ def test_torchrun_ddp_trains_on_two_cpu_processes_and_registers_once(seaice_prep
     versions = MlflowClient(mlflow_store).search_model_versions("name='ddp-seaice'")
     assert len(versions) == 1  # rank 0 alone logs and registers
     assert "val_iou_target" in versions[0].tags
+
+
+@pytest.mark.slow
+@pytest.mark.triton
+def test_main_job_trains_registers_promotes_and_asks_the_server(tmp_path, mlflow_store, capsys):
+    """What `make demo` runs (pipelines.main), on a small generated source and the tiny encoder."""
+    from pipelines.main import main
+    from rsseg.data.synthetic import generate_seaice
+
+    generate_seaice(tmp_path / "scenes", scenes=3, size=512, seed=3)  # prepared with the default 512 tile
+    assert main(["--source", str(tmp_path / "scenes"), "--epochs", "1", "--encoder", TINY_ENCODER,
+                 "--model-name", "main-e2e", "--repo", str(tmp_path / "repo")]) == 0
+    out = capsys.readouterr().out
+    assert "registered model main-e2e version 1" in out
+    assert f"promoted main-e2e v1 into {tmp_path / 'repo'}" in out
+    answer = out[out.index("tritonserver "):].splitlines()
+    assert "served main-e2e v1 (Triton version 1)" in answer[0]
+    shares = [float(line.split()[-2]) for line in answer[1:3]]  # background, ice: % of the tile's pixels
+    assert sum(shares) == pytest.approx(100.0, abs=0.2)
+    assert (tmp_path / "data" / "prepared" / "scenes" / "dataset_spec.json").is_file()  # prepared under cwd
