@@ -60,8 +60,13 @@ class TrainConfig:
     warmup: float = _opt(0.03, "share of training spent warming the learning rate up (cosine)")
     restart_epochs: int = _opt(10, "CosineAnnealingWarmRestarts T_0 in epochs")
     restart_mult: int = _opt(1, "CosineAnnealingWarmRestarts T_mult")
-    ce_weight: float = _opt(1.0, "weight of softmax cross-entropy in the loss")
-    dice_weight: float = _opt(1.0, "weight of class-wise Dice in the loss")
+    loss: str = _opt("ce+dice", "loss terms joined by +, each NAME or NAME:WEIGHT: ce, dice (class-wise Dice), focal, "
+                     "lovasz (Lovász-softmax), edge_ce (cross-entropy smoothed more near class boundaries), "
+                     "e.g. ce+lovasz:0.5")
+    ce_weight: float = _opt(1.0, "scales the ce term of the loss")
+    dice_weight: float = _opt(1.0, "scales the dice term of the loss")
+    focal_gamma: float = _opt(2.0, "focusing exponent of the focal term")
+    edge_smoothing: float = _opt(0.2, "label smoothing of edge_ce on pixels within 2 px of another class")
     label_smoothing: float = _opt(0.0, "cross-entropy label smoothing")
     class_weights: str = _opt("", "comma-separated cross-entropy class weights; empty: none")
     augment: str = _opt("hflip,rot90", "comma-separated augmentations (hflip, vflip, rot90, transpose, scale: zoom 0.75-1.33x, "

@@ -1,4 +1,10 @@
-"""Segmentation losses: cross-entropy + class-wise Dice, per output group of a multi-head model.
+"""Segmentation losses, per output group of a multi-head model: a weighted sum of named terms.
+
+Terms: `ce` (softmax cross-entropy), `dice` (class-wise soft Dice, the sea-ice seed's), `focal` (Lin et
+al. 2017), `lovasz` (Lovász-softmax, Berman et al. 2018: a surrogate of per-class IoU) and `edge_ce`
+(cross-entropy with stronger label smoothing on pixels near a class boundary, found on the fly from the
+mask: the land-cover seed's "online edge label smoothing"). A loss is named like `ce+dice` or
+`ce+lovasz:0.5` (NAME or NAME:WEIGHT joined by +).
 
 Inputs are raw logits `[N, C, H, W]` and int64 targets `[N, H, W]` whose `ignore_index` pixels
 contribute nothing (neither loss value nor gradient).
@@ -50,10 +56,99 @@ class ClasswiseDiceLoss(nn.Module):
         return 1.0 - dice.mean()
 
 
-class SegmentationLoss(nn.Module):
-    """`ce_weight * CE + dice_weight * Dice`; a zero weight skips that term entirely.
+LOSS_TERMS = ("ce", "dice", "focal", "lovasz", "edge_ce")
+EDGE_RADIUS = 2  # pixels: a pixel is "near a boundary" when a (2r+1)² window around it holds another class
 
-    `class_weights` weight the cross-entropy only (as torch's `weight=`), not the Dice term.
+
+def parse_loss(spec: str) -> list[tuple[str, float]]:
+    """"ce+lovasz:0.5" -> [("ce", 1.0), ("lovasz", 0.5)]; ConfigError naming the problem otherwise."""
+    terms: list[tuple[str, float]] = []
+    for part in (p.strip() for p in spec.split("+")):
+        name, _, weight = part.partition(":")
+        name = name.strip()
+        if name not in LOSS_TERMS:
+            raise ConfigError(f"loss {spec!r}: unknown term {name!r}; use NAME or NAME:WEIGHT joined by +, "
+                              f"NAME one of {', '.join(LOSS_TERMS)}")
+        try:
+            value = float(weight) if weight.strip() else 1.0
+        except ValueError:
+            raise ConfigError(f"loss {spec!r}: weight {weight!r} of {name} is not a number") from None
+        if value < 0:
+            raise ConfigError(f"loss {spec!r}: weight of {name} must be >= 0, got {value}")
+        if name in (t for t, _ in terms):
+            raise ConfigError(f"loss {spec!r}: {name} is named twice; give it once with its weight")
+        terms.append((name, value))
+    return terms
+
+
+def _valid_mean(per_pixel: Tensor, target: Tensor, ignore_index: int, weight: Tensor | None) -> Tensor:
+    """Mean of a per-pixel loss over the valid pixels, each weighted by its class's weight (as torch's
+    weighted cross-entropy normalises)."""
+    valid = target != ignore_index
+    pixel_weight = valid.to(per_pixel.dtype)
+    if weight is not None:
+        pixel_weight = pixel_weight * weight[torch.where(valid, target, torch.zeros_like(target))]
+    return (per_pixel * pixel_weight).sum() / pixel_weight.sum().clamp_min(1e-12)
+
+
+def focal_loss(logits: Tensor, target: Tensor, ignore_index: int, weight: Tensor | None = None,
+               gamma: float = 2.0) -> Tensor:
+    """Cross-entropy scaled by (1 - p_true)^gamma: confident, easy pixels count less."""
+    ce = F.cross_entropy(logits.float(), target, ignore_index=ignore_index, reduction="none")
+    return _valid_mean((1.0 - torch.exp(-ce)).pow(gamma) * ce, target, ignore_index, weight)
+
+
+def edge_smoothed_ce(logits: Tensor, target: Tensor, ignore_index: int, weight: Tensor | None = None,
+                     smoothing: float = 0.0, edge_smoothing: float = 0.2, radius: int = EDGE_RADIUS) -> Tensor:
+    """Cross-entropy with label smoothing `edge_smoothing` on pixels within `radius` of another class (or
+    of ignored pixels: labels are least sure there) and `smoothing` elsewhere."""
+    labels = torch.where(target == ignore_index, torch.full_like(target, -1), target).unsqueeze(1).float()
+    size = 2 * radius + 1
+    highest = F.max_pool2d(labels, size, stride=1, padding=radius)
+    lowest = -F.max_pool2d(-labels, size, stride=1, padding=radius)
+    near_edge = (highest != lowest).squeeze(1)
+    eps = torch.where(near_edge, torch.full_like(target, 0, dtype=torch.float32) + edge_smoothing,
+                      torch.full_like(target, 0, dtype=torch.float32) + smoothing)
+    log_probs = torch.log_softmax(logits.float(), dim=1)
+    safe = torch.where(target == ignore_index, torch.zeros_like(target), target)
+    nll = -log_probs.gather(1, safe.unsqueeze(1)).squeeze(1)
+    uniform = -log_probs.mean(dim=1)
+    return _valid_mean((1.0 - eps) * nll + eps * uniform, target, ignore_index, weight)
+
+
+def lovasz_softmax(logits: Tensor, target: Tensor, ignore_index: int) -> Tensor:
+    """Lovász-softmax over the batch's valid pixels, averaged over the classes present in the target."""
+    probs = torch.softmax(logits.float(), dim=1).permute(0, 2, 3, 1).reshape(-1, logits.shape[1])
+    labels = target.reshape(-1)
+    valid = labels != ignore_index
+    probs, labels = probs[valid], labels[valid]
+    losses = []
+    for c in range(probs.shape[1]):
+        foreground = (labels == c).float()
+        if not bool(foreground.any()):
+            continue
+        errors = (foreground - probs[:, c]).abs()
+        errors_sorted, order = torch.sort(errors, descending=True)
+        losses.append(torch.dot(errors_sorted, _lovasz_gradient(foreground[order])))
+    return torch.stack(losses).mean() if losses else logits.sum() * 0.0
+
+
+def _lovasz_gradient(sorted_foreground: Tensor) -> Tensor:
+    """Gradient of the Lovász extension of the Jaccard loss at the sorted errors (Berman et al., Alg. 1)."""
+    total = sorted_foreground.sum()
+    intersection = total - sorted_foreground.cumsum(0)
+    union = total + (1.0 - sorted_foreground).cumsum(0)
+    jaccard = 1.0 - intersection / union
+    jaccard[1:] = jaccard[1:] - jaccard[:-1].clone()
+    return jaccard
+
+
+class SegmentationLoss(nn.Module):
+    """A weighted sum of named terms (`ce` and `dice` by default, each with weight 1); a zero weight skips
+    its term entirely. `terms` names others (see LOSS_TERMS); `ce_weight`/`dice_weight` scale the ce and
+    dice terms wherever they appear.
+
+    `class_weights` weight the cross-entropy-like terms (ce, focal, edge_ce), not dice or lovasz.
     """
 
     def __init__(
@@ -64,19 +159,32 @@ class SegmentationLoss(nn.Module):
         class_weights: Sequence[float] | None = None,
         ignore_index: int = DEFAULT_IGNORE_INDEX,
         dice_smooth: float = 1.0,
+        terms: Sequence[tuple[str, float]] | None = None,
+        focal_gamma: float = 2.0,
+        edge_smoothing: float = 0.2,
     ) -> None:
         super().__init__()
         if ce_weight < 0 or dice_weight < 0:
             raise ConfigError(
                 f"loss weights must be >= 0, got ce_weight={ce_weight}, dice_weight={dice_weight}"
             )
-        if ce_weight == 0 and dice_weight == 0:
-            raise ConfigError("ce_weight and dice_weight are both 0; set at least one of them > 0")
+        scale = {"ce": float(ce_weight), "dice": float(dice_weight)}
+        named = list(terms) if terms is not None else [("ce", 1.0), ("dice", 1.0)]
+        self.weights = {name: weight * scale.get(name, 1.0) for name, weight in named}
+        if not any(w > 0 for w in self.weights.values()):
+            if terms is None:
+                raise ConfigError("ce_weight and dice_weight are both 0; set at least one of them > 0")
+            raise ConfigError(f"loss {'+'.join(n for n, _ in named)}: every term has weight 0; give one a weight > 0")
+        self.weights = {name: w for name, w in self.weights.items() if w > 0}
         if not 0.0 <= label_smoothing < 1.0:
             raise ConfigError(f"label_smoothing must be in [0, 1), got {label_smoothing}; 0.0 disables it")
-        self.ce_weight = float(ce_weight)
-        self.dice_weight = float(dice_weight)
+        if not 0.0 <= edge_smoothing < 1.0:
+            raise ConfigError(f"edge_smoothing must be in [0, 1), got {edge_smoothing}")
+        if focal_gamma < 0:
+            raise ConfigError(f"focal_gamma must be >= 0, got {focal_gamma}")
         self.label_smoothing = float(label_smoothing)
+        self.edge_smoothing = float(edge_smoothing)
+        self.focal_gamma = float(focal_gamma)
         self.ignore_index = ignore_index
         self.dice = ClasswiseDiceLoss(ignore_index=ignore_index, smooth=dice_smooth)
         weight: Tensor | None = None
@@ -90,7 +198,7 @@ class SegmentationLoss(nn.Module):
         self.register_buffer("class_weights", weight, persistent=False)
 
     def terms(self, logits: Tensor, target: Tensor) -> dict[str, Tensor]:
-        """The active terms ('ce', 'dice') and their weighted sum ('loss'), all scalar tensors."""
+        """The active terms (e.g. 'ce', 'dice') and their weighted sum ('loss'), all scalar tensors."""
         _check_shapes(logits, target)
         weight = self.class_weights
         if weight is not None:
@@ -104,31 +212,22 @@ class SegmentationLoss(nn.Module):
         if not bool(valid.any()):
             # torch's mean CE is 0/0 = NaN here; a graph-connected zero keeps backward() and DDP happy.
             zero = logits.sum() * 0.0
-            out = {"loss": zero}
-            if self.ce_weight:
-                out["ce"] = zero
-            if self.dice_weight:
-                out["dice"] = zero
-            return out
-        out: dict[str, Tensor] = {}
-        total = None
-        if self.ce_weight:
-            ce = F.cross_entropy(
-                logits,
-                target,
-                weight=weight,
-                ignore_index=self.ignore_index,
-                label_smoothing=self.label_smoothing,
-            )
-            out["ce"] = ce
-            total = self.ce_weight * ce
-        if self.dice_weight:
-            dice = self.dice(logits, target)
-            out["dice"] = dice
-            total = self.dice_weight * dice if total is None else total + self.dice_weight * dice
-        assert total is not None  # the constructor guarantees one active term
-        out["loss"] = total
+            return {**{name: zero for name in self.weights}, "loss": zero}
+        out = {name: self._term(name, logits, target, weight) for name in self.weights}
+        out["loss"] = sum((self.weights[name] * value for name, value in out.items()), logits.new_zeros(()))
         return out
+
+    def _term(self, name: str, logits: Tensor, target: Tensor, weight: Tensor | None) -> Tensor:
+        if name == "ce":
+            return F.cross_entropy(logits, target, weight=weight, ignore_index=self.ignore_index,
+                                   label_smoothing=self.label_smoothing)
+        if name == "dice":
+            return self.dice(logits, target)
+        if name == "focal":
+            return focal_loss(logits, target, self.ignore_index, weight, self.focal_gamma)
+        if name == "lovasz":
+            return lovasz_softmax(logits, target, self.ignore_index)
+        return edge_smoothed_ce(logits, target, self.ignore_index, weight, self.label_smoothing, self.edge_smoothing)
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         return self.terms(logits, target)["loss"]
@@ -183,8 +282,11 @@ def build_loss(
     class_weights: ClassWeights = None,
     ignore_index: int = DEFAULT_IGNORE_INDEX,
     dice_smooth: float = 1.0,
+    loss: str = "ce+dice",
+    focal_gamma: float = 2.0,
+    edge_smoothing: float = 0.2,
 ) -> MultiHeadLoss:
-    """One SegmentationLoss per output group.
+    """One SegmentationLoss per output group, each the terms `loss` names (e.g. "ce+lovasz:0.5").
 
     `class_weights` as a list applies to every group whose channel count equals its length (at least
     one must); as a dict `{group_name: weights}` it applies per group and each length must match.
@@ -196,6 +298,7 @@ def build_loss(
     if len(set(names)) != len(names):
         raise ConfigError(f"build_loss: output group names must be unique, got {names}")
     per_group = _weights_per_group(groups, class_weights)
+    terms = parse_loss(loss)
     losses = {
         g.name: SegmentationLoss(
             ce_weight=ce_weight,
@@ -204,6 +307,9 @@ def build_loss(
             class_weights=per_group.get(g.name),
             ignore_index=ignore_index,
             dice_smooth=dice_smooth,
+            terms=terms,
+            focal_gamma=focal_gamma,
+            edge_smoothing=edge_smoothing,
         )
         for g in groups
     }

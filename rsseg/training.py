@@ -100,6 +100,9 @@ def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback |
         label_smoothing=config.label_smoothing,
         class_weights=split_list(config.class_weights, float) or None,
         ignore_index=dataset_spec.ignore_index,
+        loss=config.loss,
+        focal_gamma=config.focal_gamma,
+        edge_smoothing=config.edge_smoothing,
     )
     optimizer = build_optimizer(config, model)
     scheduler = build_scheduler(config, optimizer)

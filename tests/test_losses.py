@@ -7,7 +7,14 @@ import torch
 import torch.nn.functional as F
 
 from rsseg.errors import ConfigError
-from rsseg.losses import ClasswiseDiceLoss, MultiHeadLoss, SegmentationLoss, build_loss
+from rsseg.losses import (
+    LOSS_TERMS,
+    ClasswiseDiceLoss,
+    MultiHeadLoss,
+    SegmentationLoss,
+    build_loss,
+    parse_loss,
+)
 from rsseg.spec import OutputGroup
 
 IGNORE = 255
@@ -150,3 +157,75 @@ def test_class_weights_dict_applies_per_group() -> None:
     change = torch.randint(0, 2, (2, 16, 16))
     total, _ = loss(logits, {"change": change})
     torch.testing.assert_close(total, F.cross_entropy(logits[:, :2], change, weight=torch.tensor([1.0, 4.0])))
+
+
+# ------------------------------------------------------------------------------------------- named terms
+
+
+def test_parse_loss_names_and_weights() -> None:
+    assert parse_loss("ce+dice") == [("ce", 1.0), ("dice", 1.0)]
+    assert parse_loss(" ce + lovasz:0.5 ") == [("ce", 1.0), ("lovasz", 0.5)]
+    for bad, what in [("ce+cats", "unknown term 'cats'"), ("ce:x", "not a number"), ("ce+ce:2", "named twice"),
+                      ("dice:-1", ">= 0"), ("", "unknown term ''")]:
+        with pytest.raises(ConfigError, match=what):
+            parse_loss(bad)
+
+
+@pytest.mark.parametrize("term", LOSS_TERMS)
+def test_every_term_is_finite_differentiable_and_ignores_ignored_pixels(term: str) -> None:
+    loss = SegmentationLoss(terms=[(term, 1.0)], class_weights=[1.0, 2.0, 1.0, 0.5] if term != "dice" else None)
+    logits, target = _batch(seed=3)
+    value = loss(logits, target)
+    value.backward()
+    assert torch.isfinite(value) and logits.grad is not None and torch.isfinite(logits.grad).all()
+    ignored = target == IGNORE
+    assert bool(ignored.any()) and float(logits.grad.abs().sum(1)[ignored].max()) == 0.0  # no gradient there
+    elsewhere = torch.where(ignored.unsqueeze(1), torch.randn_like(logits) * 10, logits.detach())
+    torch.testing.assert_close(loss(elsewhere, target), value.detach())  # logits under ignored pixels don't count
+
+
+def test_focal_with_gamma_zero_is_cross_entropy() -> None:
+    logits, target = _batch(seed=4)
+    focal = SegmentationLoss(terms=[("focal", 1.0)], focal_gamma=0.0)(logits, target)
+    torch.testing.assert_close(focal, F.cross_entropy(logits, target, ignore_index=IGNORE))
+    assert SegmentationLoss(terms=[("focal", 1.0)])(logits, target) < focal  # gamma 2 discounts easy pixels
+
+
+def test_lovasz_of_confident_predictions_is_one_minus_mean_iou() -> None:
+    target = torch.tensor([[[0, 0, 1, 1], [0, 2, 2, 1]]])
+    predicted = torch.tensor([[[0, 1, 1, 1], [0, 2, 2, 2]]])
+    logits = F.one_hot(predicted, 3).permute(0, 3, 1, 2).float() * 50.0
+    ious = []
+    for c in range(3):
+        inter = ((predicted == c) & (target == c)).sum().item()
+        union = ((predicted == c) | (target == c)).sum().item()
+        ious.append(inter / union)
+    lovasz = SegmentationLoss(terms=[("lovasz", 1.0)])(logits, target)
+    assert float(lovasz) == pytest.approx(1.0 - sum(ious) / 3, abs=1e-4)
+    perfect = F.one_hot(target, 3).permute(0, 3, 1, 2).float() * 50.0
+    assert float(SegmentationLoss(terms=[("lovasz", 1.0)])(perfect, target)) == pytest.approx(0.0, abs=1e-4)
+
+
+def test_edge_ce_smooths_only_near_boundaries() -> None:
+    logits = torch.randn(1, 3, 12, 12, generator=torch.Generator().manual_seed(5))
+    uniform = torch.zeros(1, 12, 12, dtype=torch.int64)  # no boundary anywhere: plain CE
+    edge = SegmentationLoss(terms=[("edge_ce", 1.0)], edge_smoothing=0.3)
+    torch.testing.assert_close(edge(logits, uniform), F.cross_entropy(logits, uniform))
+    split = uniform.clone()
+    split[:, :, 6:] = 2  # one vertical boundary: columns 4..7 are within 2 px of the other class
+    same = SegmentationLoss(terms=[("edge_ce", 1.0)], label_smoothing=0.3, edge_smoothing=0.3)
+    torch.testing.assert_close(same(logits, split), F.cross_entropy(logits, split, label_smoothing=0.3))
+    near = torch.zeros(1, 12, 12, dtype=torch.bool)
+    near[:, :, 4:8] = True
+    per_pixel = F.cross_entropy(logits, split, reduction="none")
+    smoothed = F.cross_entropy(logits, split, reduction="none", label_smoothing=0.3)
+    torch.testing.assert_close(edge(logits, split), torch.where(near, smoothed, per_pixel).mean())
+
+
+def test_build_loss_from_a_name_logs_each_term() -> None:
+    logits, target = _batch(c=3, seed=6)
+    total, parts = build_loss([OutputGroup("classes", 3)], loss="ce+lovasz:0.5")(logits, {"classes": target})
+    assert set(parts) == {"classes_ce", "classes_lovasz", "classes_loss"}
+    assert parts["classes_loss"] == pytest.approx(parts["classes_ce"] + 0.5 * parts["classes_lovasz"], rel=1e-5)
+    with pytest.raises(ConfigError, match="every term has weight 0"):
+        build_loss([OutputGroup("classes", 3)], loss="lovasz:0")
