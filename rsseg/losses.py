@@ -107,8 +107,7 @@ def edge_smoothed_ce(logits: Tensor, target: Tensor, ignore_index: int, weight: 
     highest = F.max_pool2d(labels, size, stride=1, padding=radius)
     lowest = -F.max_pool2d(-labels, size, stride=1, padding=radius)
     near_edge = (highest != lowest).squeeze(1)
-    eps = torch.where(near_edge, torch.full_like(target, 0, dtype=torch.float32) + edge_smoothing,
-                      torch.full_like(target, 0, dtype=torch.float32) + smoothing)
+    eps = torch.where(near_edge, edge_smoothing, smoothing)
     log_probs = torch.log_softmax(logits.float(), dim=1)
     safe = torch.where(target == ignore_index, torch.zeros_like(target), target)
     nll = -log_probs.gather(1, safe.unsqueeze(1)).squeeze(1)

@@ -22,6 +22,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from rsseg import contract, faults
 from rsseg import heads as heads_module
 from rsseg.atomic import write_text_atomically
@@ -35,7 +37,6 @@ HISTORY_FILE = "history.json"
 SPEC_FILE = "model_spec.json"
 ONNX_FILE = "model.onnx"
 KEEP_VERSIONS = 3  # the served version and two to roll back to
-BYTES_PER_SAMPLE = {"uint8": 1, "uint16": 2}
 
 
 @dataclass(frozen=True)
@@ -66,7 +67,7 @@ def max_message_bytes(spec: ModelSpec, options: ServingOptions) -> int:
     raw input or fp16 probabilities, whichever is bigger (plus headroom for framing)."""
     side = max(spec.tile_sizes)
     pixels = options.max_batch_size * side * side
-    request = pixels * spec.in_channels * BYTES_PER_SAMPLE[spec.dataset.dtype]
+    request = pixels * spec.in_channels * np.dtype(spec.dataset.dtype).itemsize
     response = pixels * (spec.num_output_channels * 2 + len(spec.outputs))
     return max(request, response) + (1 << 20)
 
