@@ -272,6 +272,29 @@ class MultiHeadLoss(nn.Module):
         return total, dict(zip(named, values))
 
 
+def deep_supervision_loss(loss_fn: MultiHeadLoss, output: Tensor | Sequence[Tensor], targets: Mapping[str, Tensor],
+                          aux_weights: Sequence[float]) -> tuple[Tensor, Tensor, dict[str, float]]:
+    """The loss of a model's training output: its logits' loss plus each auxiliary output's loss times its
+    weight (auxiliary logits are resized bilinearly to the targets' size first).
+
+    `output` is one logits tensor, or (logits, aux...) from a model whose `emit_aux` is set. Returns the
+    total, the main logits (for metrics) and the parts (`aux<i>_loss` added per auxiliary output).
+    """
+    if isinstance(output, Tensor):
+        output = (output,)
+    logits, aux = output[0], output[1:]
+    if len(aux) != len(aux_weights):
+        raise ValueError(f"{len(aux)} auxiliary outputs but {len(aux_weights)} auxiliary loss weights")
+    total, parts = loss_fn(logits.float(), targets)
+    for i, (extra, weight) in enumerate(zip(aux, aux_weights)):
+        if extra.shape[-2:] != logits.shape[-2:]:
+            extra = F.interpolate(extra, size=logits.shape[-2:], mode="bilinear", align_corners=False)
+        extra_loss, _ = loss_fn(extra.float(), targets)
+        parts[f"aux{i}_loss"] = float(extra_loss.detach())
+        total = total + float(weight) * extra_loss
+    return total, logits, parts
+
+
 def build_loss(
     groups: Sequence[OutputGroup],
     *,

@@ -29,7 +29,7 @@ from rsseg.data.datasets import PreparedData, RandomWindowDataset, TileDataset
 from rsseg.data.transforms import augmentation_to_dict, build_augmentation
 from rsseg.errors import ConfigError, first_line
 from rsseg.evaluation import Evaluator
-from rsseg.losses import build_loss
+from rsseg.losses import build_loss, deep_supervision_loss
 from rsseg.models import create_model
 from rsseg.optim import (
     WeightAverage,
@@ -85,6 +85,7 @@ def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback |
         val_set = Subset(val_set, _spread(len(val_set), config.max_val_tiles))
 
     model, spec = build_model(config, dataset_spec, tile_size=tile_size)
+    model.emit_aux = True  # auxiliary heads (deep supervision) add their losses during training only
     model.to(device)
     if config.channels_last:
         model.to(memory_format=torch.channels_last)
@@ -186,6 +187,7 @@ def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback |
     assert best_state is not None or rank != 0
     if best_state is not None:
         model.load_state_dict(best_state)
+    model.emit_aux = False
     model.to(memory_format=torch.contiguous_format).cpu().eval()
     evaluator = Evaluator(spec)
     return TrainResult(
@@ -283,6 +285,8 @@ def _dataset_spec_for_training(data: PreparedData, normalization: str) -> Datase
 def _train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, config, epoch, rank, run: _Progress,
                      precision: str, average: WeightAverage | None):
     model.train()
+    base = model.module if hasattr(model, "module") else model
+    aux_weights = base.aux_weights if base.emit_aux else []
     total_loss, total_tiles, steps = 0.0, 0, len(loader)
     stopped = False
     epoch_start = time.monotonic()
@@ -295,8 +299,8 @@ def _train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, confi
         images = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
         targets = {k: v.to(device, non_blocking=True) for k, v in batch["targets"].items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            logits = model(images)
-        loss, _parts = loss_fn(logits.float(), targets)
+            output = model(images)
+        loss, _logits, _parts = deep_supervision_loss(loss_fn, output, targets, aux_weights)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()

@@ -31,7 +31,7 @@ from rsseg.export import (
     read_spec,
 )
 from rsseg.export.onnx import _compare_class_maps
-from rsseg.models import create_model, list_models
+from rsseg.models import create_model, list_models, model_tasks
 from rsseg.spec import DatasetSpec, ModelSpec, OutputGroup
 
 log = logging.getLogger(__name__)
@@ -57,7 +57,7 @@ def parity_atol(report: ParityReport) -> float:
 
 
 def make_spec(model: torch.nn.Module, arch: str, encoder: str, bands: int, outputs: list[OutputGroup]) -> ModelSpec:
-    change = arch == "siamese_unet"
+    change = "change" in model_tasks(arch)
     semantic = ["unchanged", "water", "building", "forest"] if len(outputs) > 1 else None
     classes = ["unchanged", "changed"] if change else [f"c{i}" for i in range(outputs[0].channels)]
     dataset = DatasetSpec(
@@ -73,7 +73,7 @@ def make_spec(model: torch.nn.Module, arch: str, encoder: str, bands: int, outpu
 
 def build(arch: str, bands: int, outputs: list[OutputGroup], encoder: str = TINY) -> tuple[torch.nn.Module, ModelSpec]:
     torch.manual_seed(0)
-    in_ch = 2 * bands if arch == "siamese_unet" else bands
+    in_ch = 2 * bands if "change" in model_tasks(arch) else bands
     model = create_model(arch, encoder, in_ch, outputs).eval()
     return model, make_spec(model, arch, encoder, bands, outputs)
 

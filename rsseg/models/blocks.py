@@ -197,6 +197,24 @@ class UNetDecoder(nn.Module):
         return x
 
 
+class ConcatLevels(nn.Module):
+    """Every feature level upsampled (bilinear, constant factors) to the finest level's resolution and
+    concatenated: HRNet's "all resolutions fused" representation, for any encoder. Output channels:
+    `sum(channels)`, at reduction `min(reductions)`."""
+
+    def __init__(self, channels: Sequence[int], reductions: Sequence[int]) -> None:
+        super().__init__()
+        self.reduction = int(min(reductions))
+        self.scales = [int(r) // self.reduction for r in reductions]
+        self.out_channels = int(sum(channels))
+
+    def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        return torch.cat([
+            f if s == 1 else F.interpolate(f, scale_factor=float(s), mode="bilinear", align_corners=False)
+            for f, s in zip(features, self.scales)
+        ], dim=1)
+
+
 class SegmentationHead(nn.Conv2d):
     """kxk conv to the logits channels (no activation: the model returns raw logits)."""
 

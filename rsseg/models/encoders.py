@@ -52,6 +52,40 @@ def feature_levels(name: str, in_channels: int, encoder_kwargs: dict[str, Any] |
     return [Level(i, c, r) for i, c, r in zip(info.out_indices, info.channels(), info.reduction())]
 
 
+def dilated_encoder_kwargs(name: str, in_channels: int, output_stride: int | None,
+                           encoder_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """`encoder_kwargs` plus timm's `output_stride` (dilated last stages) for the models that want dense deep
+    features (PSPNet, DANet): `output_stride` if the encoder supports it, else 16, else the encoder's own
+    strides (HRNet keeps a high-resolution branch its own way). None = the encoder's own strides."""
+    kwargs = dict(encoder_kwargs or {})
+    if output_stride is None or "output_stride" in kwargs:
+        return kwargs
+    if output_stride not in (8, 16, 32):
+        raise ConfigError(f"output_stride must be 8, 16 or 32, got {output_stride!r}")
+    for stride in sorted({output_stride, 16, 32}):
+        if stride < output_stride:
+            continue
+        try:
+            feature_levels(name, in_channels, {**kwargs, "output_stride": stride})
+        except ConfigError:
+            continue
+        if stride != output_stride:
+            log.info("encoder %s cannot dilate to output stride %d; using %d", name, output_stride, stride)
+        return {**kwargs, "output_stride": stride} if stride != 32 else kwargs
+    log.info("encoder %s takes no output_stride; using its own strides", name)
+    return kwargs
+
+
+def branch_features_kwargs(name: str, encoder_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """For timm HRNets, the raw branch outputs (18, 36, 72, 144 channels for w18 at strides 4..32, as the
+    segmentation HRNets use them) instead of timm's default classification "incre" features (128..1024
+    channels); other encoders unchanged."""
+    kwargs = dict(encoder_kwargs or {})
+    if name.startswith("hrnet_"):
+        kwargs.setdefault("feature_location", "")
+    return kwargs
+
+
 def create_encoder(
     name: str,
     in_channels: int,

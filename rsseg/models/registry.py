@@ -34,25 +34,42 @@ _COMMON_ARGS = ("encoder", "in_channels", "outputs", "pretrained_path")
 class SegmentationModel(nn.Module):
     """Base class: holds `stride`, `outputs`, `in_channels` and checks the input before `forward_logits`.
 
-    Subclasses set `encoder` (the timm feature extractor) and implement `forward_logits`.
+    Subclasses set `encoder` (the timm feature extractor) and implement `forward_logits`. A model with
+    auxiliary heads for deep supervision (trained with them, served without) also implements
+    `forward_train` and lists each auxiliary output's loss weight in `aux_weights`.
     """
+
+    # Where the model's output may depend on the whole input (global pooling, attention, object context):
+    # tiles of a scene then cannot stitch exactly, whatever the overlap. False = bounded receptive field.
+    global_context = False
 
     def __init__(self, in_channels: int, outputs: Sequence[OutputGroup], stride: int) -> None:
         super().__init__()
         self.in_channels = in_channels
         self.outputs = list(outputs)
         self.stride = int(stride)
+        self.aux_weights: list[float] = []
+        # Set by training only: a train-mode forward then returns (logits, aux logits...). Everything else
+        # (validation, export, serving) gets the one logits tensor, so the auxiliary heads never ship.
+        self.emit_aux = False
 
     @property
     def out_channels(self) -> int:
         return sum(g.channels for g in self.outputs)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         self.check_input(x)
+        if self.training and self.emit_aux and self.aux_weights:
+            logits, aux = self.forward_train(x)
+            return (logits, *aux)
         return self.forward_logits(x)
 
     def forward_logits(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
+
+    def forward_train(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Logits and the auxiliary logits (same channel layout, any resolution), one per `aux_weights`."""
+        return self.forward_logits(x), []
 
     def check_input(self, x: torch.Tensor) -> None:
         """Raise ConfigError with the fix when `x` cannot go through the model; no-op while exporting."""
