@@ -45,7 +45,9 @@ class TrainConfig:
     architecture: str = _opt("", "model name in the registry; empty: unet (binary change: both dates' bands stacked; "
                                "siamese_unet for semantic change data)")
     encoder: str = _opt(DEFAULT_ENCODER, "timm encoder name")
-    encoder_weights: str = _opt("", "local file with pretrained encoder weights (none are downloaded)")
+    encoder_weights: str = _opt("", "encoder weights: a local file (.pth/.safetensors), or imagenet for timm's pretrained weights from the Hugging Face cache (downloaded when the hub is reachable)")
+    init_from: str = _opt("", "start from a registered version (models:/NAME/VERSION or models:/NAME@ALIAS) and "
+                          "fine-tune it, e.g. with another loss; its architecture, encoder and options are kept")
     encoder_depth: int = _opt(4, "encoder stages used by unet-style models (the seed drops the 5th)")
     model_options: str = _opt("", "more architecture options as key=value pairs, e.g. kernel_size=3,attention=none")
     epochs: int = _opt(20, "number of epochs")

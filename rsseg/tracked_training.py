@@ -16,13 +16,14 @@ from rsseg.training import is_main_process, train
 def train_and_register(config: TrainConfig) -> dict[str, Any] | None:
     """Train inside an MLflow run and register; the run's summary (None on ranks other than 0)."""
     data = PreparedData.load(config.data) if config.data else PreparedData.load(default_dataset())
+    start = tracking.load_model_uri(config.init_from) if config.init_from else None
     if not is_main_process():
-        train(config, data)
+        train(config, data, start=start)
         return None
     with tracking.start_run(run_name=f"train-{data.spec.name}") as active:
         if not config.checkpoint_dir:
             config.checkpoint_dir = str(Path("runs") / active.info.run_id)
         tracking.log_config(config, "train")
         tracking.log_dataset(data.root)
-        result = train(config, data, on_epoch_end=tracking.epoch_logger())
+        result = train(config, data, on_epoch_end=tracking.epoch_logger(), start=start)
         return tracking.log_training_result(result, config.model_name or None, config.register)

@@ -21,6 +21,7 @@ from mlflow.models import infer_signature
 
 import rsseg
 from rsseg import faults
+from rsseg.errors import ConfigError, first_line
 from rsseg.plots import confusion_matrix_figure, overlays_figure
 from rsseg.spec import DEFAULT_MODEL_NAMES, ModelSpec
 from rsseg.training import TrainResult
@@ -197,6 +198,27 @@ def alias_version(name: str, alias: str) -> str | None:
         return str(MlflowClient().get_model_version_by_alias(name, alias).version)
     except mlflow.exceptions.MlflowException:
         return None
+
+
+def load_model_uri(uri: str) -> tuple[torch.nn.Module, ModelSpec]:
+    """A registered version named by `models:/NAME/VERSION` or `models:/NAME@ALIAS` (see load_registered);
+    ConfigError naming the URI when it is malformed or names nothing."""
+    body = uri.strip().removeprefix("models:/")
+    name, at, alias = body.partition("@")
+    if not at:
+        name, _, alias = body.rpartition("/")
+    if not uri.strip().startswith("models:/") or not name or not alias:
+        raise ConfigError(f"init_from {uri!r}: give models:/NAME/VERSION or models:/NAME@ALIAS (e.g. models:/rsseg-binary/1)")
+    version = alias_version(name, alias) if at else alias
+    try:
+        return load_registered(name, str(version)) if version else _missing(uri)
+    except mlflow.exceptions.MlflowException as exc:
+        raise ConfigError(f"init_from {uri}: no such registered version in {mlflow.get_tracking_uri()} "
+                          f"({first_line(exc)}); list them with `mlflow models` or the MLflow UI") from None
+
+
+def _missing(uri: str) -> tuple[torch.nn.Module, ModelSpec]:
+    raise ConfigError(f"init_from {uri}: no such alias in {mlflow.get_tracking_uri()}; give a version number")
 
 
 def load_registered(name: str, version: str) -> tuple[torch.nn.Module, ModelSpec]:

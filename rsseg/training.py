@@ -31,6 +31,7 @@ from rsseg.errors import ConfigError, first_line
 from rsseg.evaluation import Evaluator
 from rsseg.losses import build_loss, deep_supervision_loss
 from rsseg.models import create_model
+from rsseg.models.encoders import resolve_encoder_weights
 from rsseg.optim import (
     WeightAverage,
     build_optimizer,
@@ -40,7 +41,7 @@ from rsseg.optim import (
     set_lr,
 )
 from rsseg.plots import Overlay
-from rsseg.spec import DatasetSpec, ModelSpec, accepted_tile_sizes, output_groups_for
+from rsseg.spec import DatasetSpec, ModelSpec, OutputGroup, accepted_tile_sizes, output_groups_for
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +62,11 @@ class TrainResult:
     stopped_by_budget: bool = False
 
 
-def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback | None = None) -> TrainResult:
+def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback | None = None,
+          start: tuple[torch.nn.Module, ModelSpec] | None = None) -> TrainResult:
     """Train per `config` on a prepared dataset; returns the best validated weights and their figures
-    (the weight average's when `ema_decay` is set)."""
+    (the weight average's when `ema_decay` is set). `start`: a trained model and its spec to fine-tune
+    (`init_from`) instead of a new model."""
     distributed = _init_distributed()
     rank = dist.get_rank() if distributed else 0
     device = _device(config.device, distributed)
@@ -84,7 +87,7 @@ def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback |
     if config.max_val_tiles and len(val_set) > config.max_val_tiles:
         val_set = Subset(val_set, _spread(len(val_set), config.max_val_tiles))
 
-    model, spec = build_model(config, dataset_spec, tile_size=tile_size)
+    model, spec = build_model(config, dataset_spec, tile_size=tile_size, start=start)
     model.emit_aux = True  # auxiliary heads (deep supervision) add their losses during training only
     model.to(device)
     if config.channels_last:
@@ -244,20 +247,24 @@ class _Progress:
         self._started = time.monotonic()
 
 
-def build_model(config: TrainConfig, dataset: DatasetSpec, tile_size: int) -> tuple[torch.nn.Module, ModelSpec]:
-    """The model and its spec for a dataset. Architecture defaults follow the task."""
+def build_model(config: TrainConfig, dataset: DatasetSpec, tile_size: int,
+                start: tuple[torch.nn.Module, ModelSpec] | None = None) -> tuple[torch.nn.Module, ModelSpec]:
+    """The model and its spec for a dataset (or `start`'s model, checked to fit the dataset).
+    Architecture defaults follow the task."""
     # Binary change pairs go into one UNet as both dates' bands stacked (early fusion): at equal budget it
     # beat the siamese UNet on LEVIR-CD (README, Benchmarks); semantic change needs the siamese heads.
     architecture = config.architecture or ("siamese_unet" if dataset.has_semantic else "unet")
     in_channels = dataset.num_bands * (2 if dataset.task == "change" else 1)
     outputs = output_groups_for(dataset)
+    if start is not None:
+        return _fine_tuned(config, start, in_channels, outputs, tile_size, dataset)
     arch_kwargs: dict[str, Any] = {}
     if "unet" in architecture:
         arch_kwargs["encoder_depth"] = config.encoder_depth
     arch_kwargs.update(parse_options(config.model_options))
     try:
         model = create_model(architecture, config.encoder, in_channels, outputs,
-                             pretrained_path=config.encoder_weights or None, **arch_kwargs)
+                             pretrained_path=resolve_encoder_weights(config.encoder_weights, config.encoder), **arch_kwargs)
     except TypeError as exc:  # an option the architecture does not take
         raise ConfigError(f"model_options {config.model_options!r}: {architecture} does not take it ({exc})") from None
     stride = int(model.stride)
@@ -270,6 +277,25 @@ def build_model(config: TrainConfig, dataset: DatasetSpec, tile_size: int) -> tu
     spec = ModelSpec(dataset=dataset, architecture=architecture, encoder=config.encoder, in_channels=in_channels,
                      outputs=outputs, tile_size=tile_size, tile_sizes=sizes, stride=stride)
     return model, spec
+
+
+def _fine_tuned(config: TrainConfig, start: tuple[torch.nn.Module, ModelSpec], in_channels: int,
+               outputs: list[OutputGroup], tile_size: int, dataset: DatasetSpec) -> tuple[torch.nn.Module, ModelSpec]:
+    model, before = start
+    if model.in_channels != in_channels or list(model.outputs) != list(outputs):
+        raise ConfigError(
+            f"init_from {config.init_from}: that model takes {model.in_channels} channels and gives "
+            f"{[(g.name, g.channels) for g in model.outputs]}, but this dataset needs {in_channels} and "
+            f"{[(g.name, g.channels) for g in outputs]}; fine-tune on data with the same bands and classes"
+        )
+    if tile_size % model.stride:
+        raise ConfigError(f"init_from {config.init_from}: tile size {tile_size} is not a multiple of the model's "
+                          f"stride {model.stride}; prepare with --tile-size {tile_size // model.stride * model.stride}")
+    log.info("fine-tuning %s (%s/%s)", config.init_from, before.architecture, before.encoder)
+    spec = ModelSpec(dataset=dataset, architecture=before.architecture, encoder=before.encoder,
+                     in_channels=in_channels, outputs=outputs, tile_size=tile_size,
+                     tile_sizes=accepted_tile_sizes(tile_size, model.stride), stride=model.stride)
+    return model.train(), spec
 
 
 def _dataset_spec_for_training(data: PreparedData, normalization: str) -> DatasetSpec:

@@ -189,12 +189,18 @@ class UNetDecoder(nn.Module):
         init_decoder(self)
 
     def forward(self, features: Sequence[torch.Tensor]) -> torch.Tensor:
+        return self.forward_stages(features)[-1]
+
+    def forward_stages(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """Every block's output, shallowest last (the last one at input resolution)."""
         x = features[-1]
+        stages = []
         for block, skip in zip(self.blocks, self.skips):
             x = block(x, features[skip] if skip >= 0 else None)
+            stages.append(x)
         if self.final_scale > 1:
-            x = F.interpolate(x, scale_factor=float(self.final_scale), mode="bilinear", align_corners=False)
-        return x
+            stages[-1] = F.interpolate(x, scale_factor=float(self.final_scale), mode="bilinear", align_corners=False)
+        return stages
 
 
 class ConcatLevels(nn.Module):

@@ -107,5 +107,7 @@ def siamese_unet(encoder: str, in_channels: int, outputs: Sequence[OutputGroup],
         raise ConfigError(
             f"change models take two dates concatenated on channels, so in_channels must be even; got {in_channels}"
         )
+    if options.aux_heads:
+        raise ConfigError("aux_heads is an option of unet only; siamese_unet has no auxiliary heads")
     enc, decoder_channels = options.build_encoder(encoder, in_channels // 2, pretrained_path)
     return SiameseUNet(enc, in_channels, outputs, decoder_channels, **options.decoder_kwargs())

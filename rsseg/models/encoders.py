@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import difflib
 import logging
+import socket
+import urllib.parse
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 from timm.layers.conv2d_same import Conv2dSame, Conv2dSameExport
 from torch import nn
 
-from rsseg.errors import ConfigError
+from rsseg.errors import ConfigError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +33,59 @@ class Level:
     index: int
     channels: int
     reduction: int
+
+
+PRETRAINED_TAGS = ("imagenet", "pretrained")  # encoder_weights values meaning "timm's pretrained weights"
+HUB_FILES = ("model.safetensors", "pytorch_model.bin")  # what timm publishes per model on the Hugging Face hub
+
+
+def resolve_encoder_weights(value: str | None, encoder: str) -> str | None:
+    """The local weights file that `encoder_weights` names: None for "" (random init), the file for a path,
+    and for "imagenet" timm's pretrained weights of `encoder` from the Hugging Face cache, downloading
+    them when the hub is reachable. Offline and not cached: ConfigError saying so, before any training."""
+    if value is None or not str(value).strip():
+        return None
+    if str(value).strip().lower() not in PRETRAINED_TAGS:
+        return str(value)
+    check_encoder_name(encoder)
+    cfg = timm.models.get_pretrained_cfg(encoder)
+    repo = getattr(cfg, "hf_hub_id", None) if cfg is not None else None
+    if not repo:
+        raise ConfigError(f"encoder_weights={value}: timm publishes no pretrained weights for {encoder!r}; "
+                          "give a local weights file or leave encoder_weights empty")
+    import huggingface_hub  # timm's own dependency; imported here so the models load without touching it
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    for filename in HUB_FILES:
+        try:
+            return huggingface_hub.hf_hub_download(repo, filename, local_files_only=True)
+        except (LocalEntryNotFoundError, OSError, ValueError):
+            pass
+    problem = "the hub is marked offline (HF_HUB_OFFLINE)" if huggingface_hub.constants.HF_HUB_OFFLINE else ""
+    # huggingface_hub retries a dead network for about 25 s per file: ask the socket once, quickly, first
+    problem = problem or _unreachable(huggingface_hub.constants.ENDPOINT)
+    if not problem:
+        for filename in HUB_FILES:
+            try:
+                return huggingface_hub.hf_hub_download(repo, filename, etag_timeout=10)
+            except (HfHubHTTPError, OSError, ValueError) as exc:
+                problem = f"the download failed ({type(exc).__name__}: {first_line(str(exc))})"
+    raise ConfigError(
+        f"encoder_weights={value}: timm's weights for {encoder} ({repo}) are not in the local Hugging Face cache "
+        f"and {problem or 'could not be downloaded'}; on a machine online run `python -c \"import timm; "
+        f"timm.create_model('{encoder}', pretrained=True)\"` and copy its cache (HF_HOME), or give a local file"
+    )
+
+
+def _unreachable(endpoint: str, timeout: float = 3.0) -> str:
+    """"" when a TCP connection to the endpoint's host opens within `timeout`, else why not."""
+    url = urllib.parse.urlparse(endpoint)
+    host, port = url.hostname or "", url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((host, port), timeout=timeout).close()
+    except OSError as exc:
+        return f"{host} is unreachable from this machine ({type(exc).__name__})"
+    return ""
 
 
 def check_encoder_name(name: str) -> None:

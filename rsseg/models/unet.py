@@ -24,8 +24,17 @@ log = logging.getLogger(__name__)
 DEFAULT_DECODER_CHANNELS = (128, 64, 32, 16)
 
 
+AUX_STAGES = 2  # the seed's UnetAux_v2: heads on the two decoder stages before the last
+
+
 class UNet(SegmentationModel):
-    """Encoder levels -> UNetDecoder -> 3x3 head; logits at input resolution."""
+    """Encoder levels -> UNetDecoder -> 3x3 head; logits at input resolution.
+
+    With `aux_weight` > 0 (option `aux_heads`), two extra 3x3 heads on the two decoder stages before the
+    last give logits at 1/4 and 1/2 resolution whose losses (times `aux_weight`) are added in training:
+    deep supervision as the sea-ice seed's UnetAux_v2. They are not part of `forward_logits`, so the
+    exported and served model has the plain UNet graph.
+    """
 
     def __init__(
         self,
@@ -33,6 +42,7 @@ class UNet(SegmentationModel):
         in_channels: int,
         outputs: Sequence[OutputGroup],
         decoder_channels: Sequence[int],
+        aux_weight: float = 0.0,
         **decoder_kwargs: Any,
     ) -> None:
         info = encoder.feature_info
@@ -40,9 +50,22 @@ class UNet(SegmentationModel):
         self.encoder = encoder
         self.decoder = UNetDecoder(info.channels(), info.reduction(), decoder_channels, **decoder_kwargs)
         self.head = SegmentationHead(self.decoder.out_channels, self.out_channels)
+        self.aux_heads = torch.nn.ModuleList()
+        if aux_weight > 0:
+            if len(decoder_channels) < AUX_STAGES + 1:
+                raise ConfigError(f"aux_heads needs at least {AUX_STAGES + 1} decoder stages; "
+                                  f"decoder_channels {tuple(decoder_channels)} has {len(decoder_channels)}")
+            stage_channels = [int(c) for c in decoder_channels[-AUX_STAGES - 1:-1]]
+            self.aux_heads.extend(SegmentationHead(c, self.out_channels) for c in stage_channels)
+            self.aux_weights = [float(aux_weight)] * AUX_STAGES
 
     def forward_logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.decoder(self.encoder(x)))
+
+    def forward_train(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        stages = self.decoder.forward_stages(self.encoder(x))
+        aux = [head(stage) for head, stage in zip(self.aux_heads, stages[-AUX_STAGES - 1:-1])]
+        return self.head(stages[-1]), aux
 
 
 def select_unet_levels(levels: Sequence[Level], encoder_depth: int, encoder: str, decoder_channels: Sequence[int]) -> list[Level]:
@@ -76,6 +99,8 @@ class UNetOptions:
     the blocks after the deepest level used (about 4.6 M of the seed's 7 M parameters with
     tf_efficientnet_lite3, never getting gradients). `trim_encoder=True` (default) removes them: same
     logits, a third of the parameters, faster, DDP-safe. False reproduces the seed's parameter count.
+
+    `aux_heads=True` (unet only) adds the seed's deep supervision: see UNet.
     """
 
     encoder_depth: int = 4
@@ -87,6 +112,8 @@ class UNetOptions:
     decoder_block: str = "conv"
     trim_encoder: bool = True
     encoder_kwargs: dict[str, Any] | None = None
+    aux_heads: bool = False
+    aux_weight: float = 0.4
 
     def build_encoder(self, encoder: str, bands: int, pretrained_path: str | None
                       ) -> tuple[torch.nn.Module, tuple[int, ...]]:
@@ -99,6 +126,14 @@ class UNetOptions:
                              encoder_kwargs=self.encoder_kwargs)
         return enc, decoder_channels
 
+    def aux_loss_weight(self) -> float:
+        """The weight of each auxiliary head's loss, 0.0 when `aux_heads` is off."""
+        if not self.aux_heads:
+            return 0.0
+        if not isinstance(self.aux_weight, (int, float)) or self.aux_weight <= 0:
+            raise ConfigError(f"aux_weight must be a positive number, got {self.aux_weight!r}; the seed used 0.4")
+        return float(self.aux_weight)
+
     def decoder_kwargs(self) -> dict[str, Any]:
         return {"kernel_size": self.kernel_size, "expansion": self.expansion, "attention": self.attention,
                 "attention_reduction": self.attention_reduction, "block": self.decoder_block}
@@ -109,4 +144,5 @@ def unet(encoder: str, in_channels: int, outputs: Sequence[OutputGroup], pretrai
          options: UNetOptions = UNetOptions()) -> UNet:
     """The seed's EffUNet: tf_efficientnet_lite3, depth 4, decoder (128, 64, 32, 16), SCSE (UNetOptions)."""
     enc, decoder_channels = options.build_encoder(encoder, in_channels, pretrained_path)
-    return UNet(enc, in_channels, outputs, decoder_channels, **options.decoder_kwargs())
+    return UNet(enc, in_channels, outputs, decoder_channels, aux_weight=options.aux_loss_weight(),
+                **options.decoder_kwargs())
