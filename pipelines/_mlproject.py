@@ -28,6 +28,10 @@ EXTRA = """\
       dataset: {type: string, default: all}
       budget: {type: float, default: 600}
     command: "python -m pipelines.bench_quality --dataset {dataset} --budget {budget}"
+  bench_models:
+    parameters:
+      budget: {type: float, default: 300}
+    command: "python -m pipelines.bench_models --budget {budget}"
   bench_serving:
     parameters:
       tile: {type: float, default: 512}

@@ -44,7 +44,8 @@ class TrainConfig:
     fold: int = _opt(-1, "validation fold (-1: the 9:1 holdout split)")
     architecture: str = _opt("", "model name in the registry; empty: unet (binary change: both dates' bands stacked; "
                                "siamese_unet for semantic change data)")
-    encoder: str = _opt(DEFAULT_ENCODER, "timm encoder name")
+    encoder: str = _opt("", "timm encoder name; empty: the architecture's default (tf_efficientnet_lite3, "
+                        "hrnet_w18 for hrnet_ocr and siamese_pspnet)")
     encoder_weights: str = _opt("", "encoder weights: a local file (.pth/.safetensors), or imagenet for timm's pretrained weights from the Hugging Face cache (downloaded when the hub is reachable)")
     init_from: str = _opt("", "start from a registered version (models:/NAME/VERSION or models:/NAME@ALIAS) and "
                           "fine-tune it, e.g. with another loss; its architecture, encoder and options are kept")

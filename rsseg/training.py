@@ -30,7 +30,7 @@ from rsseg.data.transforms import augmentation_to_dict, build_augmentation
 from rsseg.errors import ConfigError, first_line
 from rsseg.evaluation import Evaluator
 from rsseg.losses import build_loss, deep_supervision_loss
-from rsseg.models import create_model
+from rsseg.models import create_model, default_encoder
 from rsseg.models.encoders import resolve_encoder_weights
 from rsseg.optim import (
     WeightAverage,
@@ -262,19 +262,20 @@ def build_model(config: TrainConfig, dataset: DatasetSpec, tile_size: int,
     if "unet" in architecture:
         arch_kwargs["encoder_depth"] = config.encoder_depth
     arch_kwargs.update(parse_options(config.model_options))
+    encoder = config.encoder or default_encoder(architecture)
     try:
-        model = create_model(architecture, config.encoder, in_channels, outputs,
-                             pretrained_path=resolve_encoder_weights(config.encoder_weights, config.encoder), **arch_kwargs)
+        model = create_model(architecture, encoder, in_channels, outputs,
+                             pretrained_path=resolve_encoder_weights(config.encoder_weights, encoder), **arch_kwargs)
     except TypeError as exc:  # an option the architecture does not take
         raise ConfigError(f"model_options {config.model_options!r}: {architecture} does not take it ({exc})") from None
     stride = int(model.stride)
     if tile_size % stride:
         raise ConfigError(
             f"tile size {tile_size} of the prepared data is not a multiple of {stride}, the stride of "
-            f"{architecture}/{config.encoder}; prepare with --tile-size {tile_size // stride * stride}"
+            f"{architecture}/{encoder}; prepare with --tile-size {tile_size // stride * stride}"
         )
     sizes = accepted_tile_sizes(tile_size, stride)
-    spec = ModelSpec(dataset=dataset, architecture=architecture, encoder=config.encoder, in_channels=in_channels,
+    spec = ModelSpec(dataset=dataset, architecture=architecture, encoder=encoder, in_channels=in_channels,
                      outputs=outputs, tile_size=tile_size, tile_sizes=sizes, stride=stride)
     return model, spec
 

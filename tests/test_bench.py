@@ -37,3 +37,4 @@ def test_scene_benchmark_runs_small(capsys):
     steps = result["server_steps"]  # from Triton's metrics: every window went through every step once
     assert steps["bench"]["tiles"] == steps["bench-segmenter"]["tiles"] == 25
     assert steps["bench-segmenter"]["compute_s"] > 0
+

@@ -44,6 +44,12 @@ CASES = {
     "deeplabv3plus": ("deeplabv3plus", 3, [OutputGroup("classes", 3)]),
     "siamese_unet": ("siamese_unet", 3, [OutputGroup("change", 2)]),
     "siamese_unet_semantic": ("siamese_unet", 4, SEMANTIC),
+    "danet": ("danet", 3, [OutputGroup("classes", 3)]),
+    "pspnet": ("pspnet", 3, [OutputGroup("classes", 3)]),
+    "siamese_pspnet": ("siamese_pspnet", 3, [OutputGroup("change", 2)]),
+    "siamese_pspnet_semantic": ("siamese_pspnet", 4, SEMANTIC),
+    "unetplusplus": ("unetplusplus", 3, [OutputGroup("classes", 3)]),
+    "hrnet_ocr": ("hrnet_ocr", 3, [OutputGroup("classes", 3)]),
 }
 
 

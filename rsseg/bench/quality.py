@@ -23,7 +23,9 @@ from rsseg.bench.peer import peer_predictor, train_peer
 from rsseg.config import TrainConfig
 from rsseg.data.datasets import PreparedData
 from rsseg.evaluation import (
+    LabelledScene,
     OnnxModel,
+    ScenePredictor,
     labelled_scenes,
     scene_targets,
     score_scenes,
@@ -59,8 +61,12 @@ def quality_row(name: str, data: PreparedData, config: TrainConfig, *, peer: boo
     metric = spec.dataset.headline_metric
     with tempfile.TemporaryDirectory(prefix="rsseg-quality-") as tmp:
         model = OnnxModel(export_onnx(result.model, spec, Path(tmp) / "model.onnx"), spec)
-        served, per_scene = score_scenes(data, spec, scenes, served_predictor(model, data))
-        whole, _ = score_scenes(data, spec, scenes, whole_image_predictor(model, data))
+        served_maps: list[np.ndarray] = []
+        whole_maps: list[np.ndarray] = []
+        group = spec.outputs[0].name
+        tiled = _keeping(served_predictor(model, data), group, served_maps)
+        served, per_scene = score_scenes(data, spec, scenes, tiled)
+        whole, _ = score_scenes(data, spec, scenes, _keeping(whole_image_predictor(model, data), group, whole_maps))
     row: dict[str, Any] = {
         "dataset": name, "budget_s": budget, "metric": metric, "train_scenes": len(labelled_scenes(data, "train")),
         "val_scenes": len(scenes), "ours_served": served[metric], "ours_whole_image": whole[metric],
@@ -70,6 +76,9 @@ def quality_row(name: str, data: PreparedData, config: TrainConfig, *, peer: boo
         # when the selected epoch is not the last, the figure is slightly optimistic.
         "ours_selected_epoch": result.best_epoch,
         "ours_per_class": {k: round(v, 4) for k, v in served.items() if k.startswith("iou_")},
+        # 1.0 where the tiling margin covers the receptive field; global-context models (PSP, OCR, attention)
+        # cannot reach it: their tiles see less context than the whole image
+        "served_whole_agreement": pixel_agreement(served_maps, whole_maps),
         "baseline": trivial_baseline(data, spec, scenes),
         "config": dict(overrides or {}),
     }
@@ -87,6 +96,21 @@ def quality_row(name: str, data: PreparedData, config: TrainConfig, *, peer: boo
     row["worst_scenes"] = [{"scene": r["scene"], metric: r.get(metric)}
                            for r in sorted(per_scene, key=lambda r: r.get(metric, 0.0))[:3]]
     return _rounded(row)
+
+
+def pixel_agreement(a: list[np.ndarray], b: list[np.ndarray]) -> float:
+    """Share of pixels where two lists of class maps agree."""
+    same = sum(int(np.count_nonzero(x == y)) for x, y in zip(a, b))
+    return same / max(sum(x.size for x in a), 1)
+
+
+def _keeping(predict: ScenePredictor, group: str, kept: list[np.ndarray]) -> ScenePredictor:
+    def keep(scene: LabelledScene) -> dict[str, np.ndarray]:
+        maps = predict(scene)
+        kept.append(maps[group])
+        return maps
+
+    return keep
 
 
 def trivial_baseline(data: PreparedData, spec: ModelSpec, scenes: list) -> float:

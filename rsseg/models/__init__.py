@@ -4,10 +4,12 @@ Every model maps (N, in_channels, H, W) to raw logits (N, sum(outputs.channels),
 (H and W must be multiples of it), `outputs`, `in_channels` and `encoder` (the timm feature extractor).
 """
 
-from rsseg.models import change, deeplab, unet  # noqa: F401  (registers the architectures)
+# importing the modules registers their architectures
+from rsseg.models import change, danet, deeplab, ocr, pspnet, unet, unetplusplus  # noqa: F401
 from rsseg.models.registry import (
     SegmentationModel,
     create_model,
+    default_encoder,
     list_models,
     model_kwargs,
     model_tasks,
@@ -17,6 +19,7 @@ from rsseg.models.registry import (
 __all__ = [
     "SegmentationModel",
     "create_model",
+    "default_encoder",
     "list_models",
     "model_kwargs",
     "model_tasks",

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from rsseg.errors import ConfigError
-from rsseg.spec import TASKS, OutputGroup
+from rsseg.spec import DEFAULT_ENCODER, TASKS, OutputGroup
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +26,7 @@ Builder = Callable[..., "SegmentationModel"]
 _MODELS: dict[str, Builder] = {}
 _TASKS: dict[str, tuple[str, ...]] = {}
 _OPTIONS: dict[str, type] = {}  # builders that take their options as one dataclass, `options=`
+_ENCODERS: dict[str, str] = {}  # the encoder each architecture is built with when none is named
 
 # Arguments create_model passes to every builder itself; everything else is an architecture kwarg.
 _COMMON_ARGS = ("encoder", "in_channels", "outputs", "pretrained_path")
@@ -96,11 +97,12 @@ class SegmentationModel(nn.Module):
                 raise ConfigError(f"input {what} {size} is not a multiple of {self.stride}; {fix}")
 
 
-def register_model(name: str, tasks: Sequence[str] = ("binary", "multiclass"), options: type | None = None
-                   ) -> Callable[[Builder], Builder]:
+def register_model(name: str, tasks: Sequence[str] = ("binary", "multiclass"), options: type | None = None,
+                   default_encoder: str = DEFAULT_ENCODER) -> Callable[[Builder], Builder]:
     """Decorator registering a builder under `name`, for the dataset tasks it can serve. With `options` (a
     dataclass) the builder takes the architecture options as one `options=` instance of it, so several
-    builders share one definition of their options; otherwise its keyword arguments are the options."""
+    builders share one definition of their options; otherwise its keyword arguments are the options.
+    `default_encoder`: the timm encoder it is built with when the user names none (the paper's)."""
     unknown = [t for t in tasks if t not in TASKS]
     if unknown:
         raise ValueError(f"register_model({name!r}): unknown task(s) {unknown}; known: {TASKS}")
@@ -110,6 +112,7 @@ def register_model(name: str, tasks: Sequence[str] = ("binary", "multiclass"), o
             raise ValueError(f"model {name!r} is registered twice ({_MODELS[name].__module__} and {fn.__module__})")
         _MODELS[name] = fn
         _TASKS[name] = tuple(tasks)
+        _ENCODERS[name] = default_encoder
         if options is not None:
             _OPTIONS[name] = options
         return fn
@@ -126,6 +129,12 @@ def model_tasks(architecture: str) -> tuple[str, ...]:
     """Dataset tasks an architecture serves (e.g. ("change",) for siamese_unet)."""
     _builder(architecture)
     return _TASKS[architecture]
+
+
+def default_encoder(architecture: str) -> str:
+    """The timm encoder an architecture is built with when none is named."""
+    _builder(architecture)
+    return _ENCODERS[architecture]
 
 
 def model_kwargs(architecture: str) -> dict[str, Any]:

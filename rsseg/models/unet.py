@@ -100,7 +100,8 @@ class UNetOptions:
     tf_efficientnet_lite3, never getting gradients). `trim_encoder=True` (default) removes them: same
     logits, a third of the parameters, faster, DDP-safe. False reproduces the seed's parameter count.
 
-    `aux_heads=True` (unet only) adds the seed's deep supervision: see UNet.
+    `aux_heads=True` adds deep supervision (unet: the seed's, see UNet; unetplusplus: the paper's); not for
+    siamese_unet.
     """
 
     encoder_depth: int = 4
