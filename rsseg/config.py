@@ -50,6 +50,8 @@ class TrainConfig:
     init_from: str = _opt("", "start from a registered version (models:/NAME/VERSION or models:/NAME@ALIAS) and "
                           "fine-tune it, e.g. with another loss; its architecture, encoder and options are kept")
     encoder_depth: int = _opt(4, "encoder stages used by unet-style models (the seed drops the 5th)")
+    check_export: bool = _opt(True, "export the new model to ONNX once before training, so one that could not be "
+                              "promoted fails at once rather than after training")
     model_options: str = _opt("", "more architecture options as key=value pairs, e.g. kernel_size=3,attention=none")
     epochs: int = _opt(20, "number of epochs")
     batch_size: int = _opt(8, "tiles per batch (per process under torchrun)")

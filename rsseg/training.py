@@ -27,7 +27,7 @@ from tqdm import tqdm
 from rsseg.config import TrainConfig, parse_options, split_list
 from rsseg.data.datasets import PreparedData, RandomWindowDataset, TileDataset
 from rsseg.data.transforms import augmentation_to_dict, build_augmentation
-from rsseg.errors import ConfigError, first_line
+from rsseg.errors import ConfigError, ExportError, first_line
 from rsseg.evaluation import Evaluator
 from rsseg.losses import build_loss, deep_supervision_loss
 from rsseg.models import create_model, default_encoder
@@ -88,6 +88,8 @@ def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback |
         val_set = Subset(val_set, _spread(len(val_set), config.max_val_tiles))
 
     model, spec = build_model(config, dataset_spec, tile_size=tile_size, start=start)
+    if config.check_export and rank == 0 and start is None:
+        _check_exportable(model, spec)
     model.emit_aux = True  # auxiliary heads (deep supervision) add their losses during training only
     model.to(device)
     if config.channels_last:
@@ -278,6 +280,19 @@ def build_model(config: TrainConfig, dataset: DatasetSpec, tile_size: int,
     spec = ModelSpec(dataset=dataset, architecture=architecture, encoder=encoder, in_channels=in_channels,
                      outputs=outputs, tile_size=tile_size, tile_sizes=sizes, stride=stride)
     return model, spec
+
+
+def _check_exportable(model: torch.nn.Module, spec: ModelSpec) -> None:
+    from rsseg.export import check_exportable
+
+    try:
+        check_exportable(model, spec)
+    except ExportError as exc:
+        raise ConfigError(
+            f"{spec.architecture}/{spec.encoder} cannot be exported to ONNX, so it could never be promoted or "
+            f"served ({first_line(exc)}); choose another encoder or architecture, or train anyway with "
+            "check_export=false"
+        ) from None
 
 
 def _fine_tuned(config: TrainConfig, start: tuple[torch.nn.Module, ModelSpec], in_channels: int,

@@ -39,7 +39,7 @@ def set_attention_scales(model: nn.Module, value: float) -> None:
 @pytest.mark.parametrize(("encoder", "stride"), [("test_resnet", 8), ("test_efficientnet", 8)])
 def test_output_shape_and_stride(encoder: str, stride: int) -> None:
     model = create_model("danet", encoder, 3, OUTPUTS)
-    assert isinstance(model, DANet) and model.global_context
+    assert isinstance(model, DANet)
     assert model.stride == stride
     assert len(model.encoder.feature_info.channels()) == 1  # only the deepest level is built
     deep = model.encoder.feature_info.channels()[-1]

@@ -31,7 +31,7 @@ def _seed() -> None:
 @pytest.mark.parametrize(("encoder", "fused"), [("hrnet_w18_small", 16 + 32 + 64 + 128), ("test_resnet", None)])
 def test_output_shape_levels_and_attributes(encoder: str, fused: int | None) -> None:
     model = create_model("hrnet_ocr", encoder, 3, OUTPUTS, ocr_mid_channels=64, ocr_key_channels=32)
-    assert isinstance(model, HRNetOCR) and model.global_context
+    assert isinstance(model, HRNetOCR)
     assert model.aux_weights == [0.4]
     info = model.encoder.feature_info
     assert info.reduction() == [4, 8, 16, 32]  # the stride-2 stem level is skipped

@@ -83,7 +83,7 @@ def test_pyramid_pooling_shapes_and_norms() -> None:
 @pytest.mark.parametrize(("encoder", "stride"), [("test_resnet", 8), ("test_efficientnet", 8)])
 def test_pspnet_is_dilated_to_stride_8(encoder: str, stride: int) -> None:
     model = create_model("pspnet", encoder, 3, OUTPUTS)
-    assert isinstance(model, PSPNet) and model.global_context
+    assert isinstance(model, PSPNet)
     assert model.stride == stride and model.up_to_input == stride and model.concat is None
     assert model.encoder.feature_info.reduction() == [8]  # only the deepest (dilated) level is built
     deep = model.encoder.feature_info.channels()[-1]
@@ -174,7 +174,7 @@ def test_lightweight_heads_are_depthwise_separable(arch: str, in_ch: int, output
 def test_siamese_semantic_groups_and_order() -> None:
     k = 4
     model = create_model("siamese_pspnet", "test_efficientnet", 8, SEMANTIC).eval()
-    assert isinstance(model, SiamesePSPNet) and model.global_context and model.stride == 8
+    assert isinstance(model, SiamesePSPNet) and model.stride == 8
     xa, xb = torch.randn(2, 4, 64, 64), torch.randn(2, 4, 64, 64)
     with torch.no_grad():
         y = model(torch.cat([xa, xb], 1))

@@ -67,7 +67,7 @@ def test_registration() -> None:
 @pytest.mark.parametrize("encoder", [TINY, "test_resnet"])
 def test_output_shape(encoder: str) -> None:
     model = create_model("unetplusplus", encoder, 3, OUTPUTS)
-    assert isinstance(model, UNetPlusPlus) and not model.global_context
+    assert isinstance(model, UNetPlusPlus)
     assert model.stride == 16 and model.encoder.feature_info.reduction() == [2, 4, 8, 16]
     assert model.decoder.final_scale == 1 and model.aux_weights == []
     y = model(torch.randn(2, 3, 64, 96))

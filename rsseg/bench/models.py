@@ -72,6 +72,7 @@ def cost_row(entry: Entry, tile: int = COST_TILE, batch: int = COST_BATCH, secon
     x = torch.randn(1, in_channels, tile, tile)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         model(x)
+    bounded = bounded_receptive_field(model, x)
     spec = _cost_spec(model, entry.architecture, encoder, change, outputs, tile)
     with tempfile.TemporaryDirectory(prefix="rsseg-zoo-") as tmp:
         session = OnnxModel(export_onnx(model, spec, Path(tmp) / "model.onnx"), spec)
@@ -84,7 +85,19 @@ def cost_row(entry: Entry, tile: int = COST_TILE, batch: int = COST_BATCH, secon
         tiles_per_s = runs * batch / (time.monotonic() - started)
     return {"architecture": entry.label, "encoder": encoder, "params_m": round(params / 1e6, 2),
             "gflops_per_tile": round(counter.get_total_flops() / 1e9, 1), "ort_cpu_tiles_per_s": round(tiles_per_s, 2),
-            "global_context": bool(model.global_context)}
+            "bounded_receptive_field": bounded}
+
+
+@torch.no_grad()
+def bounded_receptive_field(model: torch.nn.Module, x: torch.Tensor, corner: int = 16) -> bool:
+    """False when the output in one corner of `x` moves with the input in the opposite corner: global
+    pooling, attention, object context, squeeze-and-excitation. Such a model's tiles cannot stitch into
+    exactly the whole-image prediction at any margin (they can only agree on most pixels)."""
+    before = model(x)[..., -corner:, -corner:]
+    poked = x.clone()
+    poked[..., :corner, :corner] += 10.0
+    after = model(poked)[..., -corner:, -corner:]
+    return bool((after - before).abs().max() <= 1e-6 * before.abs().max().clamp_min(1.0))
 
 
 def quality_cell(entry: Entry, dataset: str, budget: float) -> dict[str, Any]:
@@ -101,7 +114,7 @@ def format_zoo_table(costs: list[dict[str, Any]], cells: list[dict[str, Any]]) -
     """One markdown table: a row per entry, its costs, and its figure on each dataset."""
     datasets = [d for d in ("roads", "dubai", "levir") if any(c["dataset"] == d for c in cells)]
     header = ("| architecture | encoder | params (M) | GFLOPs / 512² | ORT CPU tiles/s | train tiles/s | "
-              + " | ".join(f"{d} (served)" for d in datasets) + " | tiled = whole image |")
+              + " | ".join(f"{d} (served)" for d in datasets) + " | bounded receptive field | tiled = whole image |")
     lines = [header, "|" + "---|" * (header.count("|") - 1)]
     for cost in costs:
         mine = [c for c in cells if c["architecture"] == cost["architecture"]]
@@ -114,7 +127,8 @@ def format_zoo_table(costs: list[dict[str, Any]], cells: list[dict[str, Any]]) -
         stitch = f"{min(agreement):.2%} of pixels" if agreement else "-"
         lines.append(f"| {cost['architecture']} | {cost['encoder']} | {cost['params_m']:.2f} | "
                      f"{cost['gflops_per_tile']:.1f} | {cost['ort_cpu_tiles_per_s']:.2f} | "
-                     f"{speed if speed is not None else '-'} | " + " | ".join(figures) + f" | {stitch} |")
+                     f"{speed if speed is not None else '-'} | " + " | ".join(figures)
+                     + f" | {'yes' if cost['bounded_receptive_field'] else 'no'} | {stitch} |")
     return "\n".join(lines)
 
 

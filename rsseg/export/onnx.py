@@ -336,6 +336,18 @@ def check_parity(
     return report
 
 
+def check_exportable(model: torch.nn.Module, spec: ModelSpec) -> None:
+    """ExportError unless `model` exports and its graph runs at a shape other than the traced one, giving
+    the right output shape. Values are not compared: `train` calls this on the new, untrained model, so that
+    a model promotion could never ship fails before training rather than after it."""
+    import tempfile
+
+    stride = int(spec.stride)
+    with tempfile.TemporaryDirectory(prefix="rsseg-export-check-") as tmp:
+        path = export_onnx(model, spec, Path(tmp) / "model.onnx", export_size=2 * stride)
+        check_parity(model, path, spec, sizes=[(3 * stride, stride)], batch=1)
+
+
 def assert_parity(report: ParityReport, atol: float = 1e-3, *, rtol: float = 0.0) -> None:
     """ExportError (one line with the figures) unless the class maps agree and
     max_abs_diff <= atol + rtol * max_abs_logit (rtol: for models whose logits are large, where fp32

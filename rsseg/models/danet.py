@@ -103,7 +103,6 @@ class DANetHead(nn.Module):
 class DANet(SegmentationModel):
     """Dilated encoder (deepest level only) -> DANetHead -> bilinear upsample (constant factor) to the input."""
 
-    global_context = True  # PAM attends over every position of the input and CAM over whole channel maps
 
     def __init__(self, encoder: nn.Module, in_channels: int, outputs: Sequence[OutputGroup],
                  dropout: float = 0.1) -> None:

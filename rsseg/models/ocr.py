@@ -137,7 +137,6 @@ class HRNetOCR(SegmentationModel):
     exported with the main logits only (the region head stays in the graph: OCR needs its output).
     """
 
-    global_context = True  # the region representations pool over every pixel of the input
 
     def __init__(self, encoder: nn.Module, in_channels: int, outputs: Sequence[OutputGroup],
                  ocr_mid_channels: int = OCR_MID_CHANNELS, ocr_key_channels: int = OCR_KEY_CHANNELS,

@@ -154,8 +154,6 @@ def default_psp_channels(in_ch: int) -> int:
 class _PSPBase(SegmentationModel):
     """Encoder -> one feature map (the deepest level, or all levels concatenated) for the PSP heads."""
 
-    global_context = True  # the 1-bin branch pools the whole input, the others a third / sixth of it
-
     def __init__(self, encoder: nn.Module, in_channels: int, outputs: Sequence[OutputGroup], concat: bool) -> None:
         channels, reductions = encoder.feature_info.channels(), encoder.feature_info.reduction()
         super().__init__(in_channels, outputs, stride=max(reductions))

@@ -40,10 +40,6 @@ class SegmentationModel(nn.Module):
     `forward_train` and lists each auxiliary output's loss weight in `aux_weights`.
     """
 
-    # Where the model's output may depend on the whole input (global pooling, attention, object context):
-    # tiles of a scene then cannot stitch exactly, whatever the overlap. False = bounded receptive field.
-    global_context = False
-
     def __init__(self, in_channels: int, outputs: Sequence[OutputGroup], stride: int) -> None:
         super().__init__()
         self.in_channels = in_channels
