@@ -277,3 +277,14 @@ def test_torch_export_dynamic_hw(arch: str) -> None:
     x = torch.randn(3, in_ch, 2 * s, 5 * s)
     with torch.no_grad():
         assert torch.allclose(program.module()(x), model(x), atol=1e-5)
+
+
+def test_deeplab_output_stride_dilates_instead_of_dropping() -> None:
+    outputs = [OutputGroup("classes", 2)]
+    dropped = create_model("deeplabv3plus", "test_resnet", 3, outputs)
+    dilated = create_model("deeplabv3plus", "test_resnet", 3, outputs, output_stride=8)
+    assert dropped.stride == 16 and dilated.stride == 8
+    assert dilated.encoder.feature_info.reduction()[-1] == 8
+    # the dilated encoder keeps the deepest stage the default drops
+    assert sum(p.numel() for p in dilated.encoder.parameters()) > sum(p.numel() for p in dropped.encoder.parameters())
+    assert dilated(torch.randn(1, 3, 64, 64)).shape == (1, 2, 64, 64)

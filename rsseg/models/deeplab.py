@@ -1,7 +1,8 @@
 """`deeplabv3plus`: ASPP on the deepest used encoder level, fused with a projected stride-4 level.
 
 Encoder levels deeper than `max_reduction` (16 by default) are not built: the stride-32 stage is dropped
-instead of dilated, unless the encoder has nothing at or below `max_reduction`.
+instead of dilated, unless the encoder has nothing at or below `max_reduction`; `output_stride` dilates the
+deep stages instead (timm `output_stride`, where the encoder supports it).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from torch import nn
 
 from rsseg.errors import ConfigError
 from rsseg.models.blocks import ConvBNReLU, SegmentationHead, init_decoder, int_tuple
-from rsseg.models.encoders import Level, create_encoder, feature_levels
+from rsseg.models.encoders import Level, create_encoder, dilated_encoder_kwargs, feature_levels
 from rsseg.models.registry import SegmentationModel, register_model
 from rsseg.spec import OutputGroup
 
@@ -129,10 +130,18 @@ def deeplabv3plus(
     dropout: float = 0.5,
     trim_encoder: bool = True,
     encoder_kwargs: dict[str, Any] | None = None,
+    output_stride: int | None = None,
 ) -> DeepLabV3Plus:
-    """DeepLabV3+ on any timm encoder; stride = the deepest reduction used (16 by default)."""
+    """DeepLabV3+ on any timm encoder; stride = the deepest reduction used (16 by default).
+
+    By default the stages deeper than `max_reduction` are dropped (the sea-ice seed's speed trick: fewer
+    parameters and FLOPs); `output_stride=16` (or 8) keeps them and dilates them instead, as the paper does.
+    """
     if not isinstance(max_reduction, int) or max_reduction < 1:
         raise ConfigError(f"max_reduction must be a positive integer, got {max_reduction!r}")
+    if output_stride is not None:
+        encoder_kwargs = dilated_encoder_kwargs(encoder, in_channels, output_stride, encoder_kwargs)
+        max_reduction = max(max_reduction, int(output_stride))
     rates = int_tuple(atrous_rates, "atrous_rates")
     levels = select_deeplab_levels(feature_levels(encoder, in_channels, encoder_kwargs), max_reduction)
     enc = create_encoder(
