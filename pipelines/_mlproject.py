@@ -8,12 +8,13 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from rsseg.config import MainConfig, PrepareConfig, PromoteConfig, TrainConfig
+from rsseg.config import EvaluateConfig, MainConfig, PrepareConfig, PromoteConfig, TrainConfig
 
 ENTRY_POINTS = {
     "main": ("pipelines.main", MainConfig),
     "prepare": ("pipelines.prepare", PrepareConfig),
     "train": ("pipelines.train", TrainConfig),
+    "evaluate": ("pipelines.evaluate", EvaluateConfig),
     "promote": ("pipelines.promote", PromoteConfig),
 }
 # Entry points whose flags are not dataclass-derived (free-form benchmark options).

@@ -10,7 +10,7 @@ import argparse
 import json
 
 from pipelines._cli import run
-from rsseg.bench.models import ZOO, cost_row, format_zoo_table, quality_cell
+from rsseg.bench.models import LOSSES, ZOO, cost_row, format_zoo_table, quality_cell
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -22,10 +22,15 @@ def main(argv: list[str] | None = None) -> int:
                         help="train on these datasets only (repeat; default: each row's own)")
     parser.add_argument("--budget", type=float, default=300.0, help="training seconds per model and dataset; "
                         "0: costs only")
+    parser.add_argument("--losses", action="store_true",
+                        help="instead of the zoo: the seed UNet trained with each loss (ce+dice, lovasz, ...)")
     args = parser.parse_args(argv)
-    entries = [e for e in ZOO if not args.only or e.label in args.only]
+    entries = LOSSES if args.losses else [e for e in ZOO if not args.only or e.label in args.only]
     costs, cells = [], []
     for entry in entries:
+        if args.losses and costs:
+            costs.append({**costs[0], "architecture": entry.label})  # the loss changes no cost
+            continue
         cost = cost_row(entry)
         print(json.dumps(cost), flush=True)
         costs.append(cost)

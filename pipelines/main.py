@@ -15,7 +15,8 @@ from rsseg.data.datasets import PreparedData
 from rsseg.data.defaults import PREPARED_ROOT, default_dataset
 from rsseg.data.prepare import prepare_dataset
 from rsseg.errors import PromotionRefused, UserError
-from rsseg.promotion import ask_server_once, promote
+from rsseg.promotion import promote
+from rsseg.served_check import ask_server_once
 from rsseg.tracked_training import train_and_register
 from rsseg.tracking import describe_version
 

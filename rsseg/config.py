@@ -65,6 +65,10 @@ class TrainConfig:
     warmup: float = _opt(0.03, "share of training spent warming the learning rate up (cosine)")
     restart_epochs: int = _opt(10, "CosineAnnealingWarmRestarts T_0 in epochs")
     restart_mult: int = _opt(1, "CosineAnnealingWarmRestarts T_mult")
+    snapshots: bool = _opt(False, "snapshot ensemble (Huang et al. 2017, the land-cover seed's 'different local "
+                           "optima'): the cosine schedule restarts `cycles` times over the run and the weights at the "
+                           "end of each cycle are validated, logged and (with register) registered as versions")
+    cycles: int = _opt(3, "cosine cycles (and snapshots) with snapshots=true")
     loss: str = _opt("ce+dice", "loss terms joined by +, each NAME or NAME:WEIGHT: ce, dice (class-wise Dice), focal, "
                      "lovasz (Lovász-softmax), edge_ce (cross-entropy smoothed more near class boundaries), "
                      "e.g. ce+lovasz:0.5")
@@ -104,6 +108,11 @@ class TrainConfig:
             raise ConfigError(f"epochs must be at least 1, got {self.epochs}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size must be at least 1, got {self.batch_size}")
+        if self.snapshots and self.scheduler != "cosine":
+            raise ConfigError(f"snapshots=true restarts the cosine schedule itself; use scheduler=cosine, not "
+                              f"{self.scheduler}")
+        if self.snapshots and self.cycles < 2:
+            raise ConfigError(f"snapshots=true needs cycles >= 2 (one snapshot per cycle), got {self.cycles}")
 
 
 def parse_options(text: str) -> dict[str, Any]:
@@ -177,12 +186,33 @@ class MainConfig:
 
 
 @dataclass
+class EvaluateConfig:
+    model: str = _opt("", "what to score: models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID, or several joined "
+                      "by commas (models:/NAME/3,5,7: their logit-averaging ensemble); with url, empty = what it serves")
+    data: str = _opt("", "prepared dataset to score on; empty: the data the (first) model was trained on")
+    split: str = _opt("val", "scenes to score", ("val", "train", "all"))
+    url: str = _opt("", "score through this running Triton server (host:port, gRPC) instead of ONNX Runtime in "
+                    "process")
+    served_model: str = _opt("", "with url: the served ensemble's name; empty: the only one served")
+    tta: str = _opt("none", "test-time augmentation (none, flips, d4), as the server applies it",
+                    ("none", "flips", "d4"))
+    margin: int = _opt(-1, "pixels dropped at inner window edges, as the scene client (-1: the client's default)")
+    tile: int = _opt(0, "window size (0: the client's adaptive choice)")
+    batch: int = _opt(4, "windows per request")
+    tag: bool = _opt(True, "tag the evaluated registered version with eval_<metric> (single models only)")
+
+
+@dataclass
 class PromoteConfig:
     model_name: str = _opt("rsseg-binary", "registered model whose versions compete")
-    metric: str = _opt("", "validation metric tag to compare on (empty: each version's headline_metric)")
+    metric: str = _opt("", "version tag to compare on: val_<metric> (training validation) or eval_<metric> (`evaluate`, "
+                       "served path); empty: each version's headline_metric")
     margin: float = _opt(0.0, "how much the candidate must beat the current champion by")
     min_value: float = _opt(-1.0, "refuse candidates whose metric is below this (-1: no minimum)")
     version: str = _opt("", "promote this version instead of the best one (still checked against the champion)")
+    ensemble: str = _opt("", "promote the logit-averaging ensemble of these versions (e.g. 3,5,7): evaluated through the "
+                         "served tiling against the champion, registered as a version of its own")
+    ensemble_top: int = _opt(0, "promote the ensemble of the best K versions by the metric (0: no ensemble)")
     repo: str = _opt("triton_repo", "Triton model repository to write into")
     instance_kind: str = _opt("auto", "Triton instance kind for preprocess and segmenter", ("auto", "cpu", "gpu"))
     max_batch_size: int = _opt(8, "Triton max batch size of every model in the ensemble")

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import math
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import rasterio
 
-from rsseg import heads
+from rsseg import averaging, heads
 from rsseg.data.datasets import PreparedData
 from rsseg.data.masks import mask_targets, read_mask
 from rsseg.data.raster import read_window
@@ -117,39 +117,53 @@ def scene_image(scene: LabelledScene, data: PreparedData) -> np.ndarray:
     return np.concatenate(images, axis=-1)
 
 
-def score_scenes(data: PreparedData, spec: ModelSpec, scenes: list[LabelledScene],
-                 predict: ScenePredictor) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """The task's metrics over all scenes' pixels, and one row per scene (its own metrics)."""
-    total = Evaluator(spec)
+def score_scenes(data: PreparedData, spec: ModelSpec, scenes: list[LabelledScene], predict: ScenePredictor,
+                 total: Evaluator | None = None, on_scene: Callable[[int, dict[str, Any]], None] | None = None,
+                 ) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """The task's metrics over all scenes' pixels, and one row per scene (its own metrics). `total`: the
+    evaluator to accumulate into (to read its confusion matrix afterwards); `on_scene(i, row)` after each."""
+    total = total or Evaluator(spec)
     rows = []
-    for scene in scenes:
+    for i, scene in enumerate(scenes):
         maps, targets = predict(scene), scene_targets(scene, data)
         total.update_maps(maps, targets)
         own = Evaluator(spec)
         own.update_maps(maps, targets)
         rows.append({"scene": scene.name, **own.compute()})
+        if on_scene is not None:
+            on_scene(i, rows[-1])
     return total.compute(), rows
 
 
 class OnnxModel:
-    """An exported model in ONNX Runtime: raw tiles in (the spec's dtype, HWC), class maps out, computed
-    as the served ensemble computes them (normalise, logits, heads.class_maps)."""
+    """Exported model(s) in ONNX Runtime: raw tiles in (the spec's dtype, HWC), class maps out, computed
+    as the served ensemble computes them (normalise, logits averaged over the models and `tta` views by
+    rsseg.averaging, heads.class_maps). Several ONNX files: a logit-averaging ensemble."""
 
-    def __init__(self, onnx_path: str | Path, spec: ModelSpec) -> None:
+    def __init__(self, onnx_paths: str | Path | Sequence[str | Path], spec: ModelSpec, tta: str = "none") -> None:
         from rsseg.export.onnx import onnx_session
 
         self.spec = spec
-        self.session = onnx_session(onnx_path)
-        self._input = self.session.get_inputs()[0].name
+        paths = [onnx_paths] if isinstance(onnx_paths, (str, Path)) else list(onnx_paths)
+        averaging.tta_transforms(tta)  # validate
+        self.tta = tta
+        self.sessions = [onnx_session(p) for p in paths]
+        self.session = self.sessions[0]
+        self._runners = [_runner(s) for s in self.sessions]
         self._groups = [(g.name, g.channels) for g in spec.outputs]
 
     def logits(self, tiles: np.ndarray) -> np.ndarray:
         batch = np.stack([normalize(t, self.spec.dataset) for t in tiles])
-        return self.session.run(None, {self._input: batch})[0]
+        return averaging.average_logits(self._runners, batch, self.tta)
 
     def class_maps(self, tiles: np.ndarray) -> np.ndarray:
         """[N, H, W, C] raw -> [N, G, H, W] uint8."""
         return heads.class_maps(self.logits(tiles), self._groups)
+
+
+def _runner(session: Any) -> Callable[[np.ndarray], np.ndarray]:
+    name = session.get_inputs()[0].name
+    return lambda batch: session.run(None, {name: batch})[0]
 
 
 def served_predictor(model: OnnxModel, data: PreparedData, *, batch: int = 4, margin: int | None = None,

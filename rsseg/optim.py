@@ -44,6 +44,20 @@ def cosine_factor(progress: float, warmup: float) -> float:
     return FLOOR + (1 - FLOOR) * 0.5 * (1 + math.cos(math.pi * (progress - warmup) / span))
 
 
+def snapshot_factor(progress: float, warmup: float, cycles: int) -> float:
+    """Learning-rate multiplier of a snapshot-ensemble run: `cycles` cosine cycles over [0, 1], each
+    restarting at the peak (warm-up in the first only), each ending at FLOOR where a snapshot is taken."""
+    cycles = max(cycles, 1)
+    position = min(max(progress, 0.0), 1.0) * cycles
+    cycle = min(int(position), cycles - 1)
+    return cosine_factor(position - cycle, warmup * cycles if cycle == 0 else 0.0)
+
+
+def cycle_index(progress: float, cycles: int) -> int:
+    """The cosine cycle (0-based) a snapshot-ensemble run is in at `progress`."""
+    return min(int(max(progress, 0.0) * max(cycles, 1)), max(cycles, 1) - 1)
+
+
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
     for group in optimizer.param_groups:
         group["lr"] = lr

@@ -13,28 +13,28 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from rsseg import faults, tracking
-from rsseg.config import PromoteConfig
-from rsseg.data.transforms import normalize
-from rsseg.errors import ConfigError, ExportError, PromotionRefused
-from rsseg.export.onnx import assert_parity, check_parity, export_onnx, onnx_session
+from rsseg.config import EvaluateConfig, PromoteConfig, split_list
+from rsseg.errors import ConfigError, PromotionRefused
+from rsseg.export.onnx import assert_parity, check_parity, export_onnx
+from rsseg.models.ensemble import LogitAverage
+from rsseg.served_check import served_check
 from rsseg.serving.repository import (
     ServingOptions,
+    onnx_files,
     read_history,
+    served_onnx,
     stage_promotion,
     stage_rollback,
     step_names,
 )
 from rsseg.serving.transaction import RepositoryChange
-from rsseg.spec import ModelSpec
+from rsseg.spec import ModelSpec, ensemble_spec
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,10 @@ def choose(config: PromoteConfig) -> tuple[Candidate, Candidate | None, str]:
                               f"versions: {', '.join(c.version for c in scored)}")
         best = chosen[0]
     else:
-        ranked = [c for c in scored if not math.isnan(c.value)]
+        # Ensembles are scored on eval_ tags, single versions on val_ ones: without a common `metric` an
+        # ensemble competes only when named.
+        ensembles = {str(v.version) for v in versions if tracking.ENSEMBLE_TAG in v.tags and not config.metric}
+        ranked = [c for c in scored if not math.isnan(c.value) and c.version not in ensembles]
         if not ranked:
             raise PromotionRefused(f"no version of {config.model_name!r} has a value for its metric "
                                    f"({scored[0].metric}); nothing to compare")
@@ -72,6 +75,11 @@ def choose(config: PromoteConfig) -> tuple[Candidate, Candidate | None, str]:
     if config.min_value >= 0 and not best.value >= config.min_value:
         raise PromotionRefused(f"{config.model_name} v{best.version}: {best.metric} {best.value:.4f} is below the "
                                f"minimum {config.min_value:.4f}; nothing changed")
+    if champion is not None and champion.metric != best.metric:
+        raise PromotionRefused(
+            f"{config.model_name} v{best.version} is scored on {best.metric} but champion v{champion.version} on "
+            f"{champion.metric}; score both the same way (mlflow run . -e evaluate -P model=models:/"
+            f"{config.model_name}/{best.version}) and promote with metric={champion.metric}; nothing changed")
     if champion is not None:
         if champion.version == best.version:
             raise PromotionRefused(f"{config.model_name} v{best.version} is already the champion "
@@ -87,34 +95,107 @@ def choose(config: PromoteConfig) -> tuple[Candidate, Candidate | None, str]:
     return best, champion, reason
 
 
+def choose_ensemble(config: PromoteConfig) -> tuple[Candidate, Candidate | None, str]:
+    """Register the ensemble of `config.ensemble` (or the best `ensemble_top` versions) as a new version if,
+    scored through the served tiling (rsseg.scoring, the validation split of the members' data), it beats
+    the champion scored the same way; returns it as the candidate. Refuses (one line, nothing changed) a
+    version that does not exist, members that disagree on bands, classes, heads or normalisation, and an
+    ensemble that does not win."""
+    from rsseg.scoring import evaluate_loaded
+
+    name = config.model_name
+    versions = {str(v.version): v for v in tracking.model_versions(name)}
+    if not versions:
+        raise ConfigError(f"model {name!r} has no registered versions; train some first (mlflow run . -e train)")
+    singles = [v for v in versions.values() if tracking.ENSEMBLE_TAG not in v.tags]
+    if config.ensemble:
+        members = split_list(config.ensemble)
+        unknown = [m for m in members if m not in versions]
+        if unknown:
+            raise ConfigError(f"ensemble: {name} has no version {', '.join(unknown)}; versions: "
+                              f"{', '.join(sorted(versions, key=int))}")
+        nested = [m for m in members if tracking.ENSEMBLE_TAG in versions[m].tags]
+        if nested:
+            raise ConfigError(f"ensemble: {name} v{nested[0]} is itself an ensemble (of versions "
+                              f"{versions[nested[0]].tags[tracking.ENSEMBLE_TAG]}); list single versions")
+    else:
+        ranked = sorted((c for c in (_score(v, config.metric) for v in singles) if not math.isnan(c.value)),
+                        key=lambda c: (c.value, int(c.version)), reverse=True)
+        members = [c.version for c in ranked[:config.ensemble_top]]
+    if len(members) < 2:
+        raise ConfigError(f"ensemble: {len(members)} member(s) ({', '.join(members) or 'none'}); an ensemble needs "
+                          "at least 2 versions (ensemble=3,5,7 or ensemble_top=K with K >= 2 ranked versions)")
+    loaded = [tracking.load_registered(name, m) for m in members]
+    spec = ensemble_spec([s for _, s in loaded])  # ConfigError naming the first mismatch
+    headline = spec.dataset.headline_metric
+    label = f"models:/{name}/{','.join(members)}"
+    scored = evaluate_loaded(loaded, EvaluateConfig(model=label, tag=False))
+    value = float(scored["metrics"].get(headline, math.nan))
+    metric = f"eval_{headline}"
+    champion_version = tracking.alias_version(name, CHAMPION)
+    champion = None
+    if champion_version is not None:
+        champion_model = tracking.load_registered(name, champion_version)
+        theirs = evaluate_loaded([champion_model], EvaluateConfig(model=f"models:/{name}/{champion_version}",
+                                                                  data=scored["data"], tag=False))
+        champion = Candidate(champion_version, metric, float(theirs["metrics"].get(headline, math.nan)))
+    if config.min_value >= 0 and not value >= config.min_value:
+        raise PromotionRefused(f"ensemble of {name} v{', v'.join(members)}: {metric} {value:.4f} is below the "
+                               f"minimum {config.min_value:.4f}; nothing changed")
+    if champion is not None and not value > champion.value + config.margin:
+        raise PromotionRefused(
+            f"ensemble of {name} v{', v'.join(members)}: {metric} {value:.4f} does not beat champion "
+            f"v{champion.version} ({champion.value:.4f}, scored the same way) by more than {config.margin:g}; "
+            "nothing changed")
+    reason = (f"ensemble of v{', v'.join(members)}: {metric} {value:.4f} on {scored['data']} ({scored['split']})"
+              + (f" beats champion v{champion.version} ({champion.value:.4f})" if champion else "; no champion yet"))
+    tags = {"headline_metric": metric, **{f"eval_{k}": f"{v:.6g}" for k, v in scored["metrics"].items()
+                                          if isinstance(v, float) and math.isfinite(v)},
+            "eval_run_id": scored["run_id"], "eval_data": scored["data"], "eval_split": scored["split"]}
+    version = tracking.register_ensemble(name, members, spec, tags)
+    return Candidate(version, metric, value), champion, reason
+
+
 def promote(config: PromoteConfig) -> dict[str, Any]:
     name = config.model_name
     options = ServingOptions(instance_kind=_instance_kind(config.instance_kind),
                              max_batch_size=config.max_batch_size, tta=config.tta)
+    if config.ensemble and config.ensemble_top:
+        raise ConfigError("give ensemble=3,5,7 or ensemble_top=K, not both")
     with RepositoryChange(config.repo) as change:
         repo = change.repo
         reconcile_aliases(name, repo)
-        candidate, champion, reason = choose(config)
+        candidate, champion, reason = (choose_ensemble(config) if config.ensemble or config.ensemble_top
+                                       else choose(config))
         log.info("promoting %s v%s: %s", name, candidate.version, reason)
         model, spec = tracking.load_registered(name, candidate.version)
-        onnx_path = export_onnx(model, spec, change.work / "model.onnx", opset=config.opset)
+        parts = list(zip(model.members, model.specs, strict=True)) if isinstance(model, LogitAverage) else [(model, spec)]
+        onnx_paths = [export_onnx(m, s, change.work / file, opset=config.opset)
+                      for (m, s), file in zip(parts, onnx_files(spec), strict=True)]
         faults.point("exported")
-        parity = check_parity(model, onnx_path, spec, atol=config.atol)
-        assert_parity(parity, config.atol, rtol=1e-5)  # float32 rounding grows with the logits
+        checks = [(m, p, s) for (m, s), p in zip(parts, onnx_paths, strict=True)]
+        if len(parts) > 1:
+            checks.append((model, onnx_paths, spec))  # the average, as the segmenter computes it
+        for reference, files, checked in checks:
+            parity = check_parity(reference, files, checked, atol=config.atol)
+            assert_parity(parity, config.atol, rtol=1e-5)  # float32 rounding grows with the logits
         log.info("ONNX parity: max |logit diff| %.2e over shapes %s, class maps equal", parity.max_abs_diff,
                  parity.shapes)
         faults.point("parity-checked")
         record = {"mlflow_name": name, "mlflow_version": candidate.version, "metric": candidate.metric,
                   "value": candidate.value, "reason": reason, "parity": parity.to_dict()}
-        version = stage_promotion(repo, change.staging, name, spec, onnx_path, options, record)
-        served = {"triton_version": version, **_check_and_commit(change, name, spec, onnx_path)}
+        if spec.members:
+            record["members"] = [m["model_version"] for m in spec.members]
+        version = stage_promotion(repo, change.staging, name, spec, onnx_paths, options, record)
+        served = {"triton_version": version, **_check_and_commit(change, name, spec, onnx_paths)}
         tracking.set_champion(name, candidate.version, champion.version if champion else None, {
             "promoted_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "triton_version": str(version),
             "onnx_sha256": read_history(repo, name)["versions"][str(version)]["onnx_sha256"],
         })
         faults.point("aliases-moved")
-    summary = {"action": "promote", "model_name": name, "version": candidate.version, "metric": candidate.metric,
+    summary = {"action": "promote", "model_name": name, "version": candidate.version,
+               "members": [m["model_version"] for m in spec.members] if spec.members else None, "metric": candidate.metric,
                "value": candidate.value, "previous_champion": champion.version if champion else None,
                "reason": reason, "parity": parity.to_dict(), "served_check": served, "repo": str(repo)}
     tracking.log_promotion(summary, repo / name / "history.json")
@@ -137,8 +218,7 @@ def rollback(config: PromoteConfig) -> dict[str, Any]:
         stage_rollback(repo, change.staging, name)
         segmenter = change.staging / step_names(name)["segmenter"] / str(previous)
         spec = ModelSpec.load(segmenter / "model_spec.json")
-        served = {"triton_version": previous,
-                  **_check_and_commit(change, name, spec, segmenter / "model.onnx")}
+        served = {"triton_version": previous, **_check_and_commit(change, name, spec, served_onnx(segmenter))}
         restored = history["versions"][str(previous)]["mlflow_version"]
         before = history["stack"][-3] if len(history["stack"]) >= 3 else None
         tracking.set_champion(name, restored, history["versions"][str(before)]["mlflow_version"] if before else None,
@@ -165,7 +245,8 @@ def reconcile_aliases(name: str, repo: Path) -> None:
     tracking.set_champion(name, champion, previous, {})
 
 
-def _check_and_commit(change: RepositoryChange, name: str, spec: ModelSpec, onnx_path: Path) -> dict[str, Any]:
+def _check_and_commit(change: RepositoryChange, name: str, spec: ModelSpec, onnx_path: Path | list[Path]
+                      ) -> dict[str, Any]:
     """Prove a real Triton serves the staged repository, then swap it in."""
     faults.point("staged")
     check = served_check(change.staging, name, spec, onnx_path, on_spawn=change.record_server,
@@ -175,73 +256,10 @@ def _check_and_commit(change: RepositoryChange, name: str, spec: ModelSpec, onnx
     return check
 
 
-def served_check(repo: Path, name: str, spec: ModelSpec, onnx_path: Path, *,
-                 on_spawn: Callable[[int], None] | None = None, log_path: Path | None = None) -> dict[str, Any]:
-    """Start Triton on `repo`, send one tile through the ensemble, compare with ONNX Runtime."""
-    from rsseg.client.oneshot import infer_tiles
-    from rsseg.serving.server import TritonServer
-
-    tile = sample_tile(spec)
-    with TritonServer(repo, on_spawn=on_spawn, log_path=log_path) as server:
-        faults.point("server-started")
-        server.wait_model_ready(name)
-        served = infer_tiles(server.grpc_url, name, tile[None])[0]
-    expected = onnx_class_maps(onnx_path, spec, tile[None])[0]
-    agree = float((served == expected).mean())
-    if agree < 1.0:
-        raise ExportError(f"Triton's class map for a test tile differs from ONNX Runtime's on "
-                          f"{(1 - agree) * 100:.3f} % of pixels; the repository was not changed")
-    histogram = np.bincount(served[0].ravel(), minlength=spec.outputs[0].channels).tolist()
-    return {"tile_shape": list(tile.shape), "pixels_agree": agree, "class_histogram": histogram}
-
-
-def ask_server_once(repo: Path, model: str, tile: np.ndarray) -> str:
-    """Start tritonserver on `repo` (loopback), segment one raw tile, stop; the answer as text."""
-    from rsseg.client.oneshot import connect, infer_tiles, served_spec
-    from rsseg.serving.server import TritonServer
-
-    with TritonServer(repo) as server:
-        server.wait_model_ready(model)
-        with connect(server.grpc_url) as client:
-            served = served_spec(client, model)
-        maps = infer_tiles(server.grpc_url, model, tile[None])[0]
-    lines = [f"tritonserver {server.grpc_url} served {model} v{served['model_version']} "
-             f"(Triton version {served['triton']['version']}) for one {tile.shape[0]}x{tile.shape[1]} tile:"]
-    names = served["dataset"]["classes"] if served["dataset"]["task"] != "change" else ["unchanged", "changed"]
-    counts = np.bincount(maps[0].ravel(), minlength=len(names))
-    total = int(counts.sum())
-    lines += [f"  {name:<12} {int(n):>8} px  {100 * n / total:5.1f} %" for name, n in zip(names, counts, strict=False)]
-    return "\n".join(lines)
-
-
-def sample_tile(spec: ModelSpec, size: int | None = None, seed: int = 0) -> np.ndarray:
-    """A deterministic raw tile in the spec's dtype and bands (smooth noise around the band means)."""
-    rng = np.random.default_rng(seed)
-    size = size or min(spec.tile_sizes)
-    top = 255 if spec.dataset.dtype == "uint8" else 65535
-    mean = np.asarray([*spec.dataset.mean] * (spec.in_channels // spec.dataset.num_bands))
-    std = np.asarray([*spec.dataset.std] * (spec.in_channels // spec.dataset.num_bands))
-    tile = mean + std * rng.standard_normal((size, size, spec.in_channels))
-    return np.clip(tile, 0, top).astype(spec.dataset.dtype)
-
-
-def onnx_class_maps(onnx_path: Path, spec: ModelSpec, tiles: np.ndarray) -> np.ndarray:
-    """[N, H, W, C] raw tiles -> [N, G, H, W] uint8 class maps through ONNX Runtime (the reference)."""
-    import torch
-
-    from rsseg.inference import class_maps
-
-    batch = np.stack([normalize(t, spec.dataset) for t in tiles])
-    session = onnx_session(onnx_path)
-    logits = session.run(None, {session.get_inputs()[0].name: batch})[0]
-    maps = class_maps(torch.from_numpy(logits), spec.outputs)
-    return np.stack([maps[g.name].numpy() for g in spec.outputs], axis=1).astype(np.uint8)
-
-
 def _score(version: Any, metric: str) -> Candidate:
     key = metric or version.tags.get("headline_metric", "")
-    if key and not key.startswith("val_"):
-        key = f"val_{key}"
+    if key and not key.startswith(("val_", "eval_")):
+        key = f"val_{key}"  # eval_<metric>: what `evaluate` measured through the served tiling
     try:
         value = float(version.tags[key])
     except (KeyError, ValueError):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -159,6 +160,9 @@ class ModelSpec:
     model_name: str | None = None
     model_version: str | None = None
     run_id: str | None = None
+    # A logit-averaging ensemble: one entry per member (model_name, model_version, run_id, architecture,
+    # encoder, stride), in the order of the served ONNX files; None for a single model.
+    members: list[dict[str, Any]] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.dataset, dict):
@@ -187,6 +191,56 @@ class ModelSpec:
     @classmethod
     def load(cls, path: str | Path) -> ModelSpec:
         return cls.from_dict(_read_json(path))
+
+
+# What ensemble members must share: the same pixels in (bands, dtype, normalisation) and the same heads out.
+_MEMBER_AGREEMENT = (
+    ("task", lambda s: s.dataset.task), ("bands", lambda s: s.dataset.bands), ("dtype", lambda s: s.dataset.dtype),
+    ("classes", lambda s: s.dataset.classes), ("semantic classes", lambda s: s.dataset.semantic_classes),
+    ("normalisation mean", lambda s: s.dataset.mean), ("normalisation std", lambda s: s.dataset.std),
+    ("input channels", lambda s: s.in_channels), ("heads", lambda s: [(o.name, o.channels) for o in s.outputs]),
+)
+
+
+def member_label(spec: ModelSpec) -> str:
+    """How an ensemble member is named in messages: NAME vVERSION, else its run, else its architecture."""
+    if spec.model_name and spec.model_version:
+        return f"{spec.model_name} v{spec.model_version}"
+    return f"run {spec.run_id}" if spec.run_id else f"{spec.architecture}/{spec.encoder}"
+
+
+def ensemble_spec(specs: list[ModelSpec]) -> ModelSpec:
+    """The spec of a logit-averaging ensemble of models with these specs (one spec: itself).
+
+    Members must agree on what goes in and comes out (_MEMBER_AGREEMENT); ConfigError naming the first
+    mismatch otherwise. The ensemble's stride is the members' least common multiple and it accepts the tile
+    sizes every member accepts; architecture/encoder read e.g. "unet+deeplabv3plus".
+    """
+    if not specs:
+        raise ConfigError("an ensemble needs at least one member")
+    if len(specs) == 1:
+        return specs[0]
+    first = specs[0]
+    for other in specs[1:]:
+        for what, value in _MEMBER_AGREEMENT:
+            if value(other) != value(first):
+                raise ConfigError(
+                    f"ensemble: {member_label(first)} and {member_label(other)} differ in {what} ({value(first)} vs "
+                    f"{value(other)}); members must share bands, classes, heads and normalisation"
+                )
+    stride = math.lcm(*(s.stride for s in specs))
+    sizes = sorted(set.intersection(*(set(s.tile_sizes) for s in specs)))
+    sizes = [t for t in sizes if t % stride == 0]
+    if not sizes:
+        raise ConfigError(f"ensemble: no tile size is accepted by every member (strides "
+                          f"{[s.stride for s in specs]}); choose members with compatible strides")
+    tile = min((t for t in sizes if t >= first.tile_size), default=sizes[-1])
+    members = [{"model_name": s.model_name, "model_version": s.model_version, "run_id": s.run_id,
+                "architecture": s.architecture, "encoder": s.encoder, "stride": s.stride} for s in specs]
+    return ModelSpec(dataset=first.dataset, architecture="+".join(dict.fromkeys(s.architecture for s in specs)),
+                     encoder="+".join(dict.fromkeys(s.encoder for s in specs)), in_channels=first.in_channels,
+                     outputs=first.outputs, tile_size=tile, tile_sizes=sizes, stride=stride,
+                     model_name=first.model_name, members=members)
 
 
 def accepted_tile_sizes(tile_size: int, stride: int, largest: int = MAX_TILE_SIZE) -> list[int]:

@@ -26,4 +26,9 @@ def train_and_register(config: TrainConfig) -> dict[str, Any] | None:
         tracking.log_config(config, "train")
         tracking.log_dataset(data.root)
         result = train(config, data, on_epoch_end=tracking.epoch_logger(), start=start)
-        return tracking.log_training_result(result, config.model_name or None, config.register)
+        lineage = {}
+        if start is not None:
+            parent = start[1]
+            lineage = {"init_from": config.init_from, "parent_version": f"{parent.model_name}/{parent.model_version}",
+                       "parent_run_id": parent.run_id or ""}
+        return tracking.log_training_result(result, config.model_name or None, config.register, lineage)

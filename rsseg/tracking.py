@@ -71,8 +71,10 @@ def log_dataset(prepared_root: Path) -> None:
             mlflow.log_artifact(str(path), artifact_path="dataset")
 
 
-def log_training_result(result: TrainResult, model_name: str | None, register: bool) -> dict[str, Any]:
+def log_training_result(result: TrainResult, model_name: str | None, register: bool,
+                        lineage: dict[str, str] | None = None) -> dict[str, Any]:
     """Log the best epoch's model (pytorch flavour + spec), its figures, and register a version.
+    `lineage`: tags saying where the weights came from (init_from), on the run and the version.
 
     Returns a summary: run id, model uri, registered name/version, best epoch and metrics.
     """
@@ -83,6 +85,8 @@ def log_training_result(result: TrainResult, model_name: str | None, register: b
     best = {k: v for k, v in result.best_metrics.items() if _finite(v)}
     mlflow.log_metrics({f"best_{k}": v for k, v in best.items()})
     mlflow.log_param("best_epoch", result.best_epoch)
+    if lineage:
+        mlflow.set_tags(lineage)
     mlflow.log_dict(result.augmentation, "config/augmentation.json")
     _log_figure(confusion_matrix_figure(result.confusion, result.class_names), "figures/confusion_matrix.png")
     if result.overlays:
@@ -95,31 +99,48 @@ def log_training_result(result: TrainResult, model_name: str | None, register: b
         spec.model_name = name if register else None
         spec.save(spec_path)
         mlflow.log_artifact(str(spec_path))
-        example = np.zeros((1, spec.in_channels, spec.stride * 2, spec.stride * 2), dtype=np.float32)
-        with torch.no_grad():
-            output = result.model(torch.from_numpy(example)).numpy()
-        info = mlflow.pytorch.log_model(
-            result.model,
-            name="model",
-            signature=infer_signature(example, output),
-            input_example=example,
-            extra_files=[str(spec_path)],
-            code_paths=[str(Path(rsseg.__file__).parent)],
-            metadata={"model_spec": spec.to_dict()},
-            pip_requirements=_pip_requirements(),
-            # A pickled module keeps dynamic tile sizes (MLflow 3's pt2 default pins the example shape).
-            serialization_format="pickle",
-        )
+        info = _log_model(result.model, spec, spec_path, "model")
+        snapshots = [(shot, _log_model(shot["model"], spec, spec_path, f"snapshot{shot['cycle']}"))
+                     for shot in result.snapshots]
     summary: dict[str, Any] = {
         "run_id": spec.run_id, "model_uri": info.model_uri, "best_epoch": result.best_epoch, "metrics": best,
     }
     if register:
         # Tags go in with the version, so no version exists without its metrics.
-        version = mlflow.register_model(info.model_uri, name, tags=version_tags(spec, best))
+        version = mlflow.register_model(info.model_uri, name, tags={**version_tags(spec, best), **(lineage or {})})
         spec.model_version = str(version.version)
         summary.update(model_name=name, model_version=str(version.version))
         log.info("registered %s version %s (best epoch %d)", name, version.version, result.best_epoch)
+    for shot, logged in snapshots:
+        metrics = {k: v for k, v in shot["metrics"].items() if _finite(v)}
+        mlflow.log_metrics({f"snapshot{shot['cycle']}_{k}": v for k, v in metrics.items()})
+        if register:
+            tags = {**version_tags(spec, metrics), **(lineage or {}), "snapshot": f"{shot['cycle'] + 1}/{len(snapshots)}"}
+            snap = mlflow.register_model(logged.model_uri, name, tags=tags)
+            summary.setdefault("snapshot_versions", []).append(str(snap.version))
+    if snapshots and register:
+        log.info("registered snapshots of %s as versions %s: promote them with -P ensemble=%s", name,
+                 ", ".join(summary["snapshot_versions"]), ",".join(summary["snapshot_versions"]))
     return summary
+
+
+def _log_model(model: torch.nn.Module, spec: ModelSpec, spec_path: Path, name: str) -> Any:
+    """One model of the run (pytorch flavour, the package code, the spec beside it)."""
+    example = np.zeros((1, spec.in_channels, spec.stride * 2, spec.stride * 2), dtype=np.float32)
+    with torch.no_grad():
+        output = model(torch.from_numpy(example)).numpy()
+    return mlflow.pytorch.log_model(
+        model,
+        name=name,
+        signature=infer_signature(example, output),
+        input_example=example,
+        extra_files=[str(spec_path)],
+        code_paths=[str(Path(rsseg.__file__).parent)],
+        metadata={"model_spec": spec.to_dict()},
+        pip_requirements=_pip_requirements(),
+        # A pickled module keeps dynamic tile sizes (MLflow 3's pt2 default pins the example shape).
+        serialization_format="pickle",
+    )
 
 
 def version_tags(spec: ModelSpec, metrics: dict[str, float]) -> dict[str, str]:
@@ -200,36 +221,117 @@ def alias_version(name: str, alias: str) -> str | None:
         return None
 
 
-def load_model_uri(uri: str) -> tuple[torch.nn.Module, ModelSpec]:
-    """A registered version named by `models:/NAME/VERSION` or `models:/NAME@ALIAS` (see load_registered);
-    ConfigError naming the URI when it is malformed or names nothing."""
-    body = uri.strip().removeprefix("models:/")
+def load_model_uri(uri: str, what: str = "init_from") -> tuple[torch.nn.Module, ModelSpec]:
+    """A logged model named by `models:/NAME/VERSION`, `models:/NAME@ALIAS` (see load_registered) or
+    `runs:/RUN_ID` (a training run's model); ConfigError naming `what` and the URI when it is malformed or
+    names nothing."""
+    text = uri.strip()
+    if text.startswith("runs:/"):
+        return _load_run(text, what)
+    body = text.removeprefix("models:/")
     name, at, alias = body.partition("@")
     if not at:
         name, _, alias = body.rpartition("/")
-    if not uri.strip().startswith("models:/") or not name or not alias:
-        raise ConfigError(f"init_from {uri!r}: give models:/NAME/VERSION or models:/NAME@ALIAS (e.g. models:/rsseg-binary/1)")
+    if not text.startswith("models:/") or not name or not alias:
+        raise ConfigError(f"{what} {uri!r}: give models:/NAME/VERSION, models:/NAME@ALIAS or runs:/RUN_ID "
+                          "(e.g. models:/rsseg-binary/1)")
     version = alias_version(name, alias) if at else alias
+    if not version:
+        raise ConfigError(f"{what} {uri}: no such alias in {mlflow.get_tracking_uri()}; give a version number")
     try:
-        return load_registered(name, str(version)) if version else _missing(uri)
+        return load_registered(name, str(version))
     except mlflow.exceptions.MlflowException as exc:
-        raise ConfigError(f"init_from {uri}: no such registered version in {mlflow.get_tracking_uri()} "
+        raise ConfigError(f"{what} {uri}: no such registered version in {mlflow.get_tracking_uri()} "
                           f"({first_line(exc)}); list them with `mlflow models` or the MLflow UI") from None
 
 
-def _missing(uri: str) -> tuple[torch.nn.Module, ModelSpec]:
-    raise ConfigError(f"init_from {uri}: no such alias in {mlflow.get_tracking_uri()}; give a version number")
+def expand_model_uris(text: str) -> list[str]:
+    """"models:/NAME/3,5,7" -> one URI per version; "models:/A/1,models:/B@champion,runs:/ID" -> as listed
+    (a bare number after a models:/ URI is another version of that model)."""
+    uris: list[str] = []
+    for part in (p.strip() for p in text.split(",")):
+        if not part:
+            continue
+        if part.isdigit() and uris and uris[-1].startswith("models:/") and "@" not in uris[-1]:
+            uris.append(f"{uris[-1].rpartition('/')[0]}/{part}")
+        else:
+            uris.append(part)
+    return uris
+
+
+def _load_run(uri: str, what: str) -> tuple[torch.nn.Module, ModelSpec]:
+    run_id = uri.removeprefix("runs:/").strip("/").split("/")[0]
+    try:
+        model = mlflow.pytorch.load_model(f"runs:/{run_id}/model", map_location="cpu").eval()
+        with tempfile.TemporaryDirectory() as tmp:
+            spec = ModelSpec.load(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=SPEC_FILE,
+                                                                      dst_path=tmp))
+    except (mlflow.exceptions.MlflowException, OSError) as exc:
+        raise ConfigError(f"{what} {uri}: no trained model in that run in {mlflow.get_tracking_uri()} "
+                          f"({first_line(exc)}); give runs:/RUN_ID of a train run") from None
+    spec.run_id = run_id
+    return model, spec
+
+
+def run_param(run_id: str, key: str) -> str | None:
+    """A param of a run (e.g. the `data` a version was trained on), or None."""
+    try:
+        return MlflowClient().get_run(run_id).data.params.get(key)
+    except mlflow.exceptions.MlflowException:
+        return None
+
+
+ENSEMBLE_TAG = "ensemble_members"  # on a registered ensemble version: its member versions, in order
 
 
 def load_registered(name: str, version: str) -> tuple[torch.nn.Module, ModelSpec]:
-    """A registered version's PyTorch model (eval, CPU) and its model spec (name/version filled in)."""
+    """A registered version's PyTorch model (eval, CPU) and its model spec (name/version filled in). An
+    ensemble version gives the LogitAverage of its members (holding their specs) and the ensemble's spec."""
+    registered = MlflowClient().get_model_version(name, version)
+    members = split_members(registered.tags.get(ENSEMBLE_TAG, ""))
+    if members:
+        from rsseg.models.ensemble import LogitAverage
+        from rsseg.spec import ensemble_spec
+
+        loaded = [load_registered(name, m) for m in members]
+        spec = ensemble_spec([s for _, s in loaded])
+        spec.model_name, spec.model_version, spec.run_id = name, str(version), registered.run_id
+        return LogitAverage([m for m, _ in loaded], [s for _, s in loaded]).eval(), spec
     model = mlflow.pytorch.load_model(f"models:/{name}/{version}", map_location="cpu").eval()
-    run_id = MlflowClient().get_model_version(name, version).run_id
     with tempfile.TemporaryDirectory() as tmp:
-        path = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=SPEC_FILE, dst_path=tmp)
+        path = mlflow.artifacts.download_artifacts(run_id=registered.run_id, artifact_path=SPEC_FILE, dst_path=tmp)
         spec = ModelSpec.load(path)
-    spec.model_name, spec.model_version, spec.run_id = name, str(version), run_id
+    spec.model_name, spec.model_version, spec.run_id = name, str(version), registered.run_id
     return model, spec
+
+
+def split_members(text: str) -> list[str]:
+    return [v.strip() for v in text.split(",") if v.strip()]
+
+
+def register_ensemble(name: str, members: list[str], spec: ModelSpec, tags: dict[str, str]) -> str:
+    """A registered version that is the logit-averaging ensemble of `members` (versions of `name`): a run
+    of its own holding the ensemble's spec and member list, registered with the members in the
+    `ensemble_members` tag (load_registered rebuilds it from them). Returns the new version."""
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(DEFAULT_EXPERIMENT)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(DEFAULT_EXPERIMENT)
+    run_tags = {"mlflow.runName": f"ensemble-{name}-v{'-v'.join(members)}"[:250]}
+    parent = os.environ.get("MLFLOW_RUN_ID") or (mlflow.active_run().info.run_id if mlflow.active_run() else None)
+    if parent:
+        run_tags["mlflow.parentRunId"] = parent
+    run = client.create_run(experiment_id, tags=run_tags)
+    client.log_dict(run.info.run_id, spec.to_dict(), f"ensemble/{SPEC_FILE}")
+    client.log_dict(run.info.run_id, {"model_name": name, "members": members, "tags": tags}, "ensemble/ensemble.json")
+    client.set_terminated(run.info.run_id)
+    if not client.search_registered_models(f"name='{name}'"):
+        client.create_registered_model(name)
+    version = client.create_model_version(
+        name, f"{run.info.artifact_uri}/ensemble", run_id=run.info.run_id,
+        tags={ENSEMBLE_TAG: ",".join(members), "spec.architecture": spec.architecture, "spec.encoder": spec.encoder,
+              "spec.task": spec.dataset.task, "spec.dataset": spec.dataset.name, **tags})
+    log.info("registered %s version %s: the ensemble of versions %s", name, version.version, ", ".join(members))
+    return str(version.version)
 
 
 def set_champion(name: str, version: str, previous: str | None, tags: dict[str, str]) -> None:
@@ -241,6 +343,48 @@ def set_champion(name: str, version: str, previous: str | None, tags: dict[str, 
         client.delete_registered_model_alias(name, "previous")
     faults.point("previous-alias-moved")
     client.set_registered_model_alias(name, "champion", version)
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value)
+
+
+EVALUATION_EXPERIMENT = "rsseg-evaluations"
+
+
+def log_evaluation(summary: dict[str, Any], metrics: dict[str, float], scenes: list[dict[str, Any]],
+                   confusion: np.ndarray, class_names: list[str], params: dict[str, Any]) -> str:
+    """An evaluation is a run of its own in `rsseg-evaluations` (nested under an enclosing project run):
+    params, every metric, the confusion-matrix figure, the per-scene table (worst first) and the summary."""
+    import pandas as pd
+
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(EVALUATION_EXPERIMENT)
+    experiment_id = experiment.experiment_id if experiment else client.create_experiment(EVALUATION_EXPERIMENT)
+    tags = {"mlflow.runName": f"evaluate-{summary['model']}"[:250]}
+    parent = os.environ.get("MLFLOW_RUN_ID") or (mlflow.active_run().info.run_id if mlflow.active_run() else None)
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    run_id = client.create_run(experiment_id, tags=tags).info.run_id
+    for key, value in params.items():
+        client.log_param(run_id, key, _param(value))
+    for key, value in metrics.items():
+        if _finite(value):
+            client.log_metric(run_id, key, float(value))
+    with tempfile.TemporaryDirectory() as tmp:
+        table = Path(tmp) / "per_scene.csv"
+        pd.DataFrame(scenes).to_csv(table, index=False)
+        client.log_artifact(run_id, str(table))
+        client.log_figure(run_id, confusion_matrix_figure(confusion, class_names), "figures/confusion_matrix.png")
+    client.log_dict(run_id, {**summary, "metrics": metrics}, "evaluation.json")
+    client.set_terminated(run_id)
+    return run_id
+
+
+def tag_evaluation(name: str, version: str, metrics: dict[str, float], tags: dict[str, str]) -> None:
+    """`eval_<metric>` tags (and `tags`) on a registered version: promotion can rank on served-path metrics."""
+    client = MlflowClient()
+    for key, value in metrics.items():
+        if _finite(value):
+            client.set_model_version_tag(name, version, f"eval_{key}", f"{float(value):.6g}")
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, value)
 

@@ -1,4 +1,5 @@
-"""The training loop: datasets, model, loss, optimiser, validation, checkpoints, DDP.
+"""The training loop: datasets, loss, optimiser, validation, DDP. The model comes from rsseg.model_setup,
+checkpoints are read and written by rsseg.checkpoints.
 
 No MLflow here: progress and results leave through `EpochCallback`, so the loop runs the same under
 `mlflow run`, in tests and under `torchrun`.
@@ -6,11 +7,10 @@ No MLflow here: progress and results leave through `EpochCallback`, so the loop 
 
 from __future__ import annotations
 
-import json
+import copy
 import logging
 import math
 import os
-import pickle
 import random
 import time
 from collections.abc import Callable
@@ -24,24 +24,33 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 from tqdm import tqdm
 
-from rsseg.config import TrainConfig, parse_options, split_list
+from rsseg.checkpoints import (
+    best_from_checkpoint,
+    best_to_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from rsseg.config import TrainConfig, split_list
 from rsseg.data.datasets import PreparedData, RandomWindowDataset, TileDataset
 from rsseg.data.transforms import augmentation_to_dict, build_augmentation
-from rsseg.errors import ConfigError, ExportError, first_line
+from rsseg.errors import ConfigError
 from rsseg.evaluation import Evaluator
 from rsseg.losses import build_loss, deep_supervision_loss
-from rsseg.models import create_model, default_encoder
-from rsseg.models.encoders import resolve_encoder_weights
+from rsseg.model_setup import build_model, check_trainable_export, dataset_spec_for_training
 from rsseg.optim import (
     WeightAverage,
     build_optimizer,
     build_scheduler,
     cosine_factor,
+    cycle_index,
     resolve_precision,
     set_lr,
+    snapshot_factor,
 )
 from rsseg.plots import Overlay
-from rsseg.spec import DatasetSpec, ModelSpec, OutputGroup, accepted_tile_sizes, output_groups_for
+from rsseg.spec import DatasetSpec, ModelSpec
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +69,8 @@ class TrainResult:
     augmentation: dict[str, Any]
     history: list[dict[str, float]] = field(default_factory=list)
     stopped_by_budget: bool = False
+    # snapshots=true: per cosine cycle, {"cycle": i, "model": the weights at its end, "metrics": validation}
+    snapshots: list[dict[str, Any]] = field(default_factory=list)
 
 
 def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback | None = None,
@@ -73,7 +84,7 @@ def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback |
     precision = resolve_precision(config.precision, device)
     _seed_everything(config.seed + rank)
 
-    dataset_spec = _dataset_spec_for_training(data, config.normalization)
+    dataset_spec = dataset_spec_for_training(data, config.normalization)
     augmentation = build_augmentation(config.augment, dataset_spec)
     train_tiles, val_tiles = data.split_tiles(config.fold)
     tile_size = data.tile_size
@@ -89,7 +100,7 @@ def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback |
 
     model, spec = build_model(config, dataset_spec, tile_size=tile_size, start=start)
     if config.check_export and rank == 0 and start is None:
-        _check_exportable(model, spec)
+        check_trainable_export(model, spec)
     model.emit_aux = True  # auxiliary heads (deep supervision) add their losses during training only
     model.to(device)
     if config.channels_last:
@@ -120,7 +131,7 @@ def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback |
     history: list[dict[str, float]] = []
     checkpoint_dir = Path(config.checkpoint_dir) if config.checkpoint_dir else None
     if config.resume:
-        state = _load_checkpoint(config.resume)
+        state = load_checkpoint(config.resume)
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -128,9 +139,10 @@ def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback |
             average.model.load_state_dict(state["average"])
             average.updates = int(state.get("average_updates", 0))
         run.restore(state.get("progress", {}))
+        run.snapshots = list(state.get("snapshots") or [])
         start_epoch, best_value, best_epoch = state["epoch"] + 1, state["best_value"], state["best_epoch"]
-        best_state, best, history = state["best_state"], _best_from_checkpoint(state["best"]), state["history"]
-        _set_rng_state(state["rng"])
+        best_state, best, history = state["best_state"], best_from_checkpoint(state["best"]), state["history"]
+        set_rng_state(state["rng"])
         log.info("resumed from %s at epoch %d (best %s %.4f at epoch %d)", config.resume, start_epoch,
                  spec.dataset.headline_metric, best_value, best_epoch)
 
@@ -172,14 +184,14 @@ def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback |
                 best_state = {k: v.detach().cpu().clone() for k, v in evaluated.state_dict().items()}
                 best = {"metrics": metrics, "confusion": evaluator.confusion.matrix.copy(), "overlays": overlays}
         if rank == 0 and checkpoint_dir is not None:
-            _save_checkpoint(checkpoint_dir / "last.pt", {
+            save_checkpoint(checkpoint_dir / "last.pt", {
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "scheduler": scheduler.state_dict(), "epoch": epoch, "best_value": best_value,
-                "best_epoch": best_epoch, "best_state": best_state, "best": _best_to_checkpoint(best),
+                "best_epoch": best_epoch, "best_state": best_state, "best": best_to_checkpoint(best),
                 "history": history, "progress": run.state(),
                 "average": average.model.state_dict() if average is not None else None,
                 "average_updates": average.updates if average is not None else 0,
-                "rng": _rng_state(), "config": config.__dict__,
+                "rng": rng_state(), "config": config.__dict__, "snapshots": run.snapshots,
             })
         if rank == 0 and on_epoch_end is not None and history and history[-1]["epoch"] == epoch:
             on_epoch_end(epoch, history[-1])
@@ -189,6 +201,7 @@ def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback |
 
     if distributed:
         dist.barrier()
+    snapshots = _validated_snapshots(model, run, val_set, loss_fn, spec, device, config, precision) if rank == 0 else []
     assert best_state is not None or rank != 0
     if best_state is not None:
         model.load_state_dict(best_state)
@@ -199,8 +212,30 @@ def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback |
         model=model, spec=spec, best_epoch=best_epoch, best_metrics=best.get("metrics", {}),
         confusion=best.get("confusion", np.zeros((1, 1))), class_names=evaluator.class_names,
         overlays=best.get("overlays", []), augmentation=augmentation_to_dict(augmentation), history=history,
-        stopped_by_budget=stopped_by_budget,
+        stopped_by_budget=stopped_by_budget, snapshots=snapshots,
     )
+
+
+def _validated_snapshots(model, run: _Progress, val_set, loss_fn, spec: ModelSpec, device, config: TrainConfig,
+                         precision: str) -> list[dict[str, Any]]:
+    """The snapshots of a snapshots=true run (the last cycle's: the weights training ended with), each a
+    copy of the model validated on its own."""
+    if not config.snapshots:
+        return []
+    states = [*run.snapshots, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}]
+    out = []
+    for cycle, state in enumerate(states[:config.cycles]):
+        snapshot = copy.deepcopy(model)
+        snapshot.load_state_dict(state)
+        evaluator = Evaluator(spec)
+        _validate(snapshot, val_set, loss_fn, evaluator, device, config, precision)
+        metrics = {f"val_{k}": v for k, v in evaluator.compute().items()}
+        snapshot.emit_aux = False
+        out.append({"cycle": cycle, "model": snapshot.to(memory_format=torch.contiguous_format).cpu().eval(),
+                    "metrics": metrics})
+        log.info("snapshot %d/%d: val %s %.4f", cycle + 1, config.cycles, spec.dataset.headline_metric,
+                 metrics.get(f"val_{spec.dataset.headline_metric}", math.nan))
+    return out
 
 
 class _Progress:
@@ -218,6 +253,7 @@ class _Progress:
         self._spent = 0.0  # seconds of earlier sessions (resume)
         self._started = time.monotonic()
         self._validations = 0
+        self.snapshots: list[dict[str, torch.Tensor]] = []  # weights at the end of each cosine cycle (snapshots)
 
     def elapsed(self) -> float:
         return self._spent + time.monotonic() - self._started
@@ -249,81 +285,6 @@ class _Progress:
         self._started = time.monotonic()
 
 
-def build_model(config: TrainConfig, dataset: DatasetSpec, tile_size: int,
-                start: tuple[torch.nn.Module, ModelSpec] | None = None) -> tuple[torch.nn.Module, ModelSpec]:
-    """The model and its spec for a dataset (or `start`'s model, checked to fit the dataset).
-    Architecture defaults follow the task."""
-    # Binary change pairs go into one UNet as both dates' bands stacked (early fusion): at equal budget it
-    # beat the siamese UNet on LEVIR-CD (README, Benchmarks); semantic change needs the siamese heads.
-    architecture = config.architecture or ("siamese_unet" if dataset.has_semantic else "unet")
-    in_channels = dataset.num_bands * (2 if dataset.task == "change" else 1)
-    outputs = output_groups_for(dataset)
-    if start is not None:
-        return _fine_tuned(config, start, in_channels, outputs, tile_size, dataset)
-    arch_kwargs: dict[str, Any] = {}
-    if "unet" in architecture:
-        arch_kwargs["encoder_depth"] = config.encoder_depth
-    arch_kwargs.update(parse_options(config.model_options))
-    encoder = config.encoder or default_encoder(architecture)
-    try:
-        model = create_model(architecture, encoder, in_channels, outputs,
-                             pretrained_path=resolve_encoder_weights(config.encoder_weights, encoder), **arch_kwargs)
-    except TypeError as exc:  # an option the architecture does not take
-        raise ConfigError(f"model_options {config.model_options!r}: {architecture} does not take it ({exc})") from None
-    stride = int(model.stride)
-    if tile_size % stride:
-        raise ConfigError(
-            f"tile size {tile_size} of the prepared data is not a multiple of {stride}, the stride of "
-            f"{architecture}/{encoder}; prepare with --tile-size {tile_size // stride * stride}"
-        )
-    sizes = accepted_tile_sizes(tile_size, stride)
-    spec = ModelSpec(dataset=dataset, architecture=architecture, encoder=encoder, in_channels=in_channels,
-                     outputs=outputs, tile_size=tile_size, tile_sizes=sizes, stride=stride)
-    return model, spec
-
-
-def _check_exportable(model: torch.nn.Module, spec: ModelSpec) -> None:
-    from rsseg.export import check_exportable
-
-    try:
-        check_exportable(model, spec)
-    except ExportError as exc:
-        raise ConfigError(
-            f"{spec.architecture}/{spec.encoder} cannot be exported to ONNX, so it could never be promoted or "
-            f"served ({first_line(exc)}); choose another encoder or architecture, or train anyway with "
-            "check_export=false"
-        ) from None
-
-
-def _fine_tuned(config: TrainConfig, start: tuple[torch.nn.Module, ModelSpec], in_channels: int,
-               outputs: list[OutputGroup], tile_size: int, dataset: DatasetSpec) -> tuple[torch.nn.Module, ModelSpec]:
-    model, before = start
-    if model.in_channels != in_channels or list(model.outputs) != list(outputs):
-        raise ConfigError(
-            f"init_from {config.init_from}: that model takes {model.in_channels} channels and gives "
-            f"{[(g.name, g.channels) for g in model.outputs]}, but this dataset needs {in_channels} and "
-            f"{[(g.name, g.channels) for g in outputs]}; fine-tune on data with the same bands and classes"
-        )
-    if tile_size % model.stride:
-        raise ConfigError(f"init_from {config.init_from}: tile size {tile_size} is not a multiple of the model's "
-                          f"stride {model.stride}; prepare with --tile-size {tile_size // model.stride * model.stride}")
-    log.info("fine-tuning %s (%s/%s)", config.init_from, before.architecture, before.encoder)
-    spec = ModelSpec(dataset=dataset, architecture=before.architecture, encoder=before.encoder,
-                     in_channels=in_channels, outputs=outputs, tile_size=tile_size,
-                     tile_sizes=accepted_tile_sizes(tile_size, model.stride), stride=model.stride)
-    return model.train(), spec
-
-
-def _dataset_spec_for_training(data: PreparedData, normalization: str) -> DatasetSpec:
-    if normalization == "spec":
-        return data.spec
-    bands = json.loads((data.root / "stats.json").read_text())["bands"]
-    position = {band: i for i, band in enumerate(bands["index"])}
-    picked = [position[b] for b in data.spec.bands]
-    return replace(data.spec, mean=[float(bands["mean"][i]) for i in picked],
-                   std=[max(float(bands["std"][i]), 1e-6) for i in picked])
-
-
 def _train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, config, epoch, rank, run: _Progress,
                      precision: str, average: WeightAverage | None):
     model.train()
@@ -336,7 +297,12 @@ def _train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, confi
                mininterval=2.0, dynamic_ncols=True)
     memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
     for step, batch in enumerate(bar):
-        if config.scheduler == "cosine":
+        if config.scheduler == "cosine" and config.snapshots:
+            cycle = cycle_index(run.fraction(), config.cycles)
+            if cycle > len(run.snapshots):  # the previous cycle just ended: keep its weights
+                run.snapshots.append({k: v.detach().cpu().clone() for k, v in base.state_dict().items()})
+            set_lr(optimizer, config.lr * snapshot_factor(run.fraction(), config.warmup, config.cycles))
+        elif config.scheduler == "cosine":
             set_lr(optimizer, config.lr * cosine_factor(run.fraction(), config.warmup))
         images = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)
         targets = {k: v.to(device, non_blocking=True) for k, v in batch["targets"].items()}
@@ -458,76 +424,3 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-# Checkpoints hold only what torch.load(weights_only=True) accepts (tensors, numbers, strings, lists,
-# tuples, dicts), so loading one never runs code: numpy state travels as lists and tensors.
-_CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "best_value", "best_epoch", "best_state", "best",
-                    "history", "rng")
-
-
-def _rng_state() -> dict[str, Any]:
-    name, key, pos, has_gauss, gauss = np.random.get_state(legacy=True)
-    return {"python": random.getstate(), "numpy": (name, key.tolist(), pos, has_gauss, gauss),
-            "torch": torch.get_rng_state()}
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    name, key, pos, has_gauss, gauss = state["numpy"]
-    np.random.set_state((name, np.array(key, dtype=np.uint32), pos, has_gauss, gauss))
-    torch.set_rng_state(state["torch"])
-
-
-def _best_to_checkpoint(best: dict[str, Any]) -> dict[str, Any]:
-    if not best:
-        return {}
-    return {"metrics": best["metrics"], "confusion": torch.from_numpy(np.asarray(best["confusion"])),
-            "overlays": [{k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in vars(o).items()}
-                         for o in best["overlays"]]}
-
-
-def _best_from_checkpoint(saved: dict[str, Any]) -> dict[str, Any]:
-    if not saved:
-        return {}
-    return {"metrics": saved["metrics"], "confusion": saved["confusion"].numpy(),
-            "overlays": [Overlay(**{k: v.numpy() for k, v in o.items()}) for o in saved["overlays"]]}
-
-
-def _unpickling_reason(exc: Exception) -> str:
-    """The one line of torch's weights-only refusal that says what was refused (its other lines are advice)."""
-    lines = [line.strip() for line in str(exc).splitlines()[1:]]
-    useful = [line for line in lines if line and not line.startswith(("Please file an issue", "Check the documentation"))]
-    return (useful[0] if useful else str(exc).splitlines()[0])[:200]
-
-
-def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    tmp.replace(path)  # a run killed mid-save keeps the previous checkpoint
-
-
-def _load_checkpoint(path: str) -> dict[str, Any]:
-    """A checkpoint's contents, unpickled with weights_only=True: a file that would run code or build any
-    other object is refused in one line, before anything in it is executed."""
-    if not Path(path).is_file():
-        raise ConfigError(f"resume: checkpoint {path} not found; give the last.pt of an earlier run")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        reason = _unpickling_reason(exc)
-        if "GLOBAL" in reason:  # a class or function to import and call
-            raise ConfigError(f"resume: {path} holds objects other than tensors and plain values ({reason}); it was "
-                              "not loaded (it could run code): resume only from last.pt files this version of "
-                              "rsseg wrote") from None
-        raise ConfigError(f"resume: {path} is not a readable checkpoint ({reason}); give the last.pt of an "
-                          "earlier run") from None
-    except (RuntimeError, EOFError, ValueError, OSError) as exc:
-        raise ConfigError(f"resume: {path} is not a readable checkpoint ({first_line(exc)}); "
-                          "give the last.pt of an earlier run") from None
-    missing = [k for k in _CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise ConfigError(f"resume: {path} is not an rsseg training checkpoint (no {', '.join(missing)}); give "
-                          "the last.pt of an earlier run")
-    return state

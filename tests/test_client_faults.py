@@ -165,7 +165,7 @@ def test_same_stem_scenes_mirror_their_folders(served, tmp_path, caplog):
 
 @pytest.mark.triton
 def test_change_folders_pair_by_path_through_one_connection(served_change, tmp_path, monkeypatch, capsys):
-    from rsseg.promotion import onnx_class_maps
+    from rsseg.served_check import onnx_class_maps
 
     server, spec, onnx = served_change
     images = {}

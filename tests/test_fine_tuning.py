@@ -141,6 +141,9 @@ def test_init_from_fine_tunes_a_registered_version_with_another_loss(seaice_prep
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     run = MlflowClient().get_run(MlflowClient().get_model_version(name, "2").run_id)
     assert run.data.params["init_from"] == f"models:/{name}/1" and run.data.params["loss"] == "lovasz"
+    lineage = MlflowClient().get_model_version(name, "2").tags
+    assert lineage["init_from"] == f"models:/{name}/1" and lineage["parent_version"] == f"{name}/1"
+    assert lineage["parent_run_id"] == MlflowClient().get_model_version(name, "1").run_id
 
     with pytest.raises(ConfigError, match="this dataset needs 6"):
         train_and_register(tiny_config(change_prepared, tmp_path / "c", epochs=1, init_from=f"models:/{name}/1"))
@@ -150,6 +153,7 @@ def test_init_from_fine_tunes_a_registered_version_with_another_loss(seaice_prep
     ("rsseg-binary/1", "give models:/NAME/VERSION"),
     ("models:/nobody/3", "no such registered version"),
     ("models:/nobody@champion", "no such alias"),
+    ("runs:/0123456789abcdef", "no trained model in that run"),
 ])
 def test_init_from_names_a_bad_uri(uri, message, mlflow_store) -> None:
     with pytest.raises(ConfigError, match=message):

@@ -20,7 +20,8 @@ from rsseg.data.datasets import PreparedData
 from rsseg.data.transforms import normalize
 from rsseg.errors import PromotionRefused
 from rsseg.inference import class_maps
-from rsseg.promotion import onnx_class_maps, promote, rollback
+from rsseg.promotion import promote, rollback
+from rsseg.served_check import onnx_class_maps
 from rsseg.serving.repository import read_history, step_names
 from rsseg.serving.server import TritonServer
 from rsseg.tracked_training import train_and_register

@@ -26,7 +26,8 @@ from rsseg import tracking
 from rsseg.client.oneshot import connect, infer_tiles, served_spec
 from rsseg.config import PromoteConfig
 from rsseg.errors import PromotionRefused
-from rsseg.promotion import onnx_class_maps, promote, sample_tile
+from rsseg.promotion import promote
+from rsseg.served_check import onnx_class_maps, sample_tile
 from rsseg.serving.repository import read_history, step_names
 from rsseg.serving.server import TritonServer
 from rsseg.spec import ModelSpec

@@ -58,7 +58,7 @@ from rsseg.errors import DataError
 from rsseg.export.onnx import export_onnx, onnx_session
 from rsseg.inference import class_maps
 from rsseg.models import create_model
-from rsseg.promotion import onnx_class_maps
+from rsseg.served_check import onnx_class_maps
 from rsseg.spec import DatasetSpec, ModelSpec, OutputGroup
 
 STRIDE = 16

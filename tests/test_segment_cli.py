@@ -313,7 +313,7 @@ def served_change(tmp_path_factory):
 
 
 def test_change_pair_is_read_over_the_same_windows(served_change, tmp_path, capsys):
-    from rsseg.promotion import onnx_class_maps
+    from rsseg.served_check import onnx_class_maps
 
     server, spec, onnx = served_change
     before, after = scene_image((64, 64), seed=1), scene_image((64, 64), seed=2)

@@ -14,7 +14,7 @@ import torch
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
-from rsseg import contract, heads
+from rsseg import averaging, contract, heads
 from rsseg.data.transforms import normalize
 from rsseg.inference import class_maps as torch_class_maps
 from rsseg.serving.repository import (
@@ -80,6 +80,7 @@ def pb_utils(monkeypatch):
     # Promotion copies these beside model.py; here they are imported from the package.
     monkeypatch.setitem(sys.modules, "contract", contract)
     monkeypatch.setitem(sys.modules, "heads", heads)
+    monkeypatch.setitem(sys.modules, "averaging", averaging)
     return stub
 
 
@@ -194,6 +195,15 @@ def test_segmenter_tta_views_invert_exactly():
             np.testing.assert_array_equal(inverse(forward(x)), x)
     with pytest.raises(ValueError, match="tta must be one of"):
         segmenter.tta_transforms("bogus")
+    assert tuple(averaging.TTA_VIEWS) == contract.TTA_MODES  # averaging.py cannot import contract in process
+
+
+def test_average_of_a_model_with_itself_is_that_model():
+    x = np.random.default_rng(4).standard_normal((2, 3, 16, 16)).astype(np.float32)
+    double = lambda batch: batch[:, :2] * 2.0  # noqa: E731
+    np.testing.assert_array_equal(averaging.average_logits([double, double], x), double(x))
+    half = averaging.average_logits([double, lambda batch: batch[:, :2] * 0.0], x)
+    np.testing.assert_allclose(half, x[:, :2], rtol=1e-6)
 
 
 @pytest.mark.parametrize("task,semantic,dtype,bands", [("binary", None, "uint8", 3), ("multiclass", None, "uint16", 4),

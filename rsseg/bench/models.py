@@ -37,10 +37,12 @@ class Entry:
     architecture: str
     datasets: tuple[str, ...]
     options: str = ""  # model_options, e.g. "aux_heads=true"
+    loss: str = ""  # "" keeps the recipe's loss (ce+dice)
 
     @property
     def label(self) -> str:
-        return f"{self.architecture} ({self.options})" if self.options else self.architecture
+        extras = ", ".join(x for x in (self.options, f"loss={self.loss}" if self.loss else "") if x)
+        return f"{self.architecture} ({extras})" if extras else self.architecture
 
 
 SINGLE_IMAGE = ("roads", "dubai")
@@ -56,6 +58,9 @@ ZOO = (
     Entry("siamese_unet", ("levir",)),
     Entry("siamese_pspnet", ("levir",)),
 )
+# The seed UNet with each loss beside the default ce+dice (the land-cover seed's alternatives).
+LOSSES = tuple(Entry("unet", SINGLE_IMAGE, loss=loss)
+               for loss in ("ce+dice", "lovasz", "ce+lovasz:0.5", "focal+dice", "edge_ce+dice"))
 
 
 def cost_row(entry: Entry, tile: int = COST_TILE, batch: int = COST_BATCH, seconds: float = 10.0) -> dict[str, Any]:
@@ -106,6 +111,8 @@ def quality_cell(entry: Entry, dataset: str, budget: float) -> dict[str, Any]:
     logging.getLogger("rsseg.client").setLevel(logging.WARNING)
     data = prepare_benchmark(dataset)
     overrides: dict[str, Any] = {"architecture": entry.architecture, "model_options": entry.options}
+    if entry.loss:
+        overrides["loss"] = entry.loss
     config = benchmark_config(dataset, data.root, budget, **overrides)
     return {**quality_row(dataset, data, config, peer=False, overrides=overrides), "architecture": entry.label}
 

@@ -23,7 +23,7 @@ from rasterio.windows import Window as RioWindow
 from rsseg.bench.setup import onnxruntime_logits, random_model, served
 from rsseg.data.transforms import normalize
 from rsseg.export.onnx import export_onnx
-from rsseg.promotion import sample_tile
+from rsseg.served_check import sample_tile
 from rsseg.spec import DEFAULT_ENCODER
 
 

@@ -15,7 +15,7 @@ from rsseg import contract
 from rsseg.bench.setup import BENCH_MODEL, onnxruntime_logits, random_model, served
 from rsseg.client.oneshot import connect, served_spec
 from rsseg.export.onnx import export_onnx
-from rsseg.promotion import sample_tile
+from rsseg.served_check import sample_tile
 from rsseg.spec import DEFAULT_ENCODER
 
 

@@ -36,6 +36,7 @@ import numpy as np
 import onnx
 import torch
 
+from rsseg import averaging
 from rsseg.errors import ConfigError, ExportError, first_line
 from rsseg.heads import CHANGE, SEMANTIC
 from rsseg.inference import class_maps, split_outputs
@@ -268,7 +269,7 @@ class ParityReport:
 
 def check_parity(
     model: torch.nn.Module,
-    onnx_path: str | Path,
+    onnx_path: str | Path | Sequence[str | Path],
     spec: ModelSpec,
     *,
     sizes: Sequence[int | tuple[int, int]] | None = None,
@@ -287,13 +288,18 @@ def check_parity(
         atol: only used to log the verdict; call assert_parity to enforce it.
         providers: ONNX Runtime providers in order of preference (default CPU); the report says which ran.
 
+    Several ONNX files: their logits averaged as the served segmenter averages them (rsseg.averaging),
+    against `model` = the members' torch average (rsseg.models.ensemble.LogitAverage).
     The model's train/eval mode is restored afterwards.
     """
     stride = int(spec.stride)
     hw_list = _parity_sizes(sizes, stride)
     if not isinstance(batch, int) or batch < 1:
         raise ConfigError(f"batch must be a positive integer, got {batch!r}")
-    session = onnx_session(onnx_path, providers)
+    paths = [onnx_path] if isinstance(onnx_path, (str, Path)) else list(onnx_path)
+    sessions = [onnx_session(p, providers) for p in paths]
+    session = sessions[0]
+    runners = [lambda batch, s=s: s.run([OUTPUT_NAME], {INPUT_NAME: batch})[0] for s in sessions]
     meta = session.get_modelmeta().custom_metadata_map
     traced = json.loads(meta[EXPORT_SHAPE_KEY]) if EXPORT_SHAPE_KEY in meta else None
     used = list(session.get_providers())
@@ -311,7 +317,7 @@ def check_parity(
             x = torch.randn(shape, generator=gen)
             with torch.no_grad():
                 ref = model(x.to(device)).float().cpu()
-            out = torch.from_numpy(session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0])
+            out = torch.from_numpy(averaging.average_logits(runners, x.numpy()))
             if out.shape != ref.shape:
                 raise ExportError(
                     f"{onnx_path}: ONNX output shape {tuple(out.shape)} != PyTorch {tuple(ref.shape)} for input {shape}"
@@ -331,7 +337,7 @@ def check_parity(
     )
     log.info(
         "ONNX parity of %s on %s: max |diff| %.3g (atol %g, max |logit| %.3g), %d mismatched / %d near-tie "
-        "class pixels, shapes %s", onnx_path, used, max_diff, atol, max_logit, mismatched, near_ties, shapes,
+        "class pixels, shapes %s", ", ".join(map(str, paths)), used, max_diff, atol, max_logit, mismatched, near_ties, shapes,
     )
     return report
 

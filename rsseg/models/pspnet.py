@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -230,21 +231,6 @@ def parse_bins(value: Sequence[int] | str | int) -> tuple[int, ...]:
     return bins
 
 
-def _check_options(output_stride: int, levels: str, psp_channels: int | None, dropout: float,
-                   lightweight: bool) -> None:
-    if isinstance(output_stride, bool) or output_stride not in (8, 16, 32):
-        raise ConfigError(f"output_stride must be 8, 16 or 32, got {output_stride!r}")
-    if levels not in LEVEL_MODES:
-        raise ConfigError(f"levels {levels!r} is not one of {', '.join(LEVEL_MODES)}")
-    if psp_channels is not None and (isinstance(psp_channels, bool) or not isinstance(psp_channels, int)
-                                     or psp_channels < 1):
-        raise ConfigError(f"psp_channels must be a positive integer (or empty for the default), got {psp_channels!r}")
-    if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-        raise ConfigError(f"dropout must be a number in [0, 1), got {dropout!r}")
-    if not isinstance(lightweight, bool):
-        raise ConfigError(f"lightweight must be true or false, got {lightweight!r}")
-
-
 def select_psp_levels(levels: Sequence[Level], encoder_depth: int | None, concat: bool, encoder: str) -> list[Level]:
     """The levels to build: of the first `encoder_depth` (default all), the deepest one, or with `concat` all
     those at reduction >= 4 (a stride-2 stem would make the fused map 4x larger for little gain)."""
@@ -278,66 +264,86 @@ def build_psp_encoder(encoder: str, bands: int, pretrained_path: str | None, out
     return enc, concat and len(chosen) > 1
 
 
-@register_model("pspnet", tasks=("binary", "multiclass"))
-def pspnet(
-    encoder: str,
-    in_channels: int,
-    outputs: Sequence[OutputGroup],
-    pretrained_path: str | None = None,
-    output_stride: int = 8,
-    encoder_depth: int | None = None,
-    levels: str = "auto",
-    bins: Sequence[int] | str = PSP_BINS,
-    psp_channels: int | None = None,
-    dropout: float = 0.1,
-    lightweight: bool = False,
-    trim_encoder: bool = True,
-    encoder_kwargs: dict[str, Any] | None = None,
-) -> PSPNet:
-    """PSPNet (Zhao et al. 2017) on any timm encoder.
+@dataclass
+class PSPOptions:
+    """Options of `pspnet` (and, with `semantic_head`, of `siamese_pspnet`).
 
-    Args:
-        output_stride: 8 (the paper's), 16 or 32: the encoder's last stages are dilated to keep this stride;
-            encoders that cannot dilate that far fall back to 16, then to their own strides (HRNet).
-        encoder_depth: use only the first N feature levels (default: all).
-        levels: "deepest" = PSP on the deepest used level; "concat" = every used level at reduction >= 4
-            upsampled to the finest and concatenated (HRNet's representation); "auto" = concat for HRNet
-            encoders (their deepest branch alone is stride 32 with few channels), deepest otherwise.
-        bins: pyramid bin sizes (default 1, 2, 3, 6); in model_options write bins=1/2/3/6.
-        psp_channels: bottleneck width; default in_ch // 4 within [64, 512] (see default_psp_channels): 96 for
-            tf_efficientnet_lite3, 512 for a ResNet-50 as in the paper.
-        dropout: before the classifier (the paper's 0.1).
-        lightweight: depthwise-separable 3x3 convs in the head (the seed's --lightweight).
-        trim_encoder: drop encoder blocks after the deepest used level (see create_encoder).
-        encoder_kwargs: extra timm.create_model options.
-
-    `stride` = the deepest reduction used (8 with a dilatable encoder, 32 for HRNet).
+    output_stride: 8 (the paper's), 16 or 32: the encoder's last stages are dilated to keep this stride;
+        encoders that cannot dilate that far fall back to 16, then to their own strides (HRNet).
+    encoder_depth: use only the first N feature levels (default: all).
+    levels: "deepest" = PSP on the deepest used level; "concat" = every used level at reduction >= 4
+        upsampled to the finest and concatenated (HRNet's representation); "auto" = concat for HRNet
+        encoders (their deepest branch alone is stride 32 with few channels), deepest otherwise.
+    bins: pyramid bin sizes (default 1, 2, 3, 6); in model_options write bins=1/2/3/6.
+    psp_channels: bottleneck width; default in_ch // 4 within [64, 512] (see default_psp_channels): 96 for
+        tf_efficientnet_lite3, 512 for a ResNet-50 as in the paper.
+    dropout: before the classifier (the paper's 0.1).
+    lightweight: depthwise-separable 3x3 convs in the head (the seed's --lightweight).
+    trim_encoder: drop encoder blocks after the deepest used level (see create_encoder).
+    encoder_kwargs: extra timm.create_model options.
     """
-    _check_options(output_stride, levels, psp_channels, dropout, lightweight)
-    bin_sizes = parse_bins(bins)
-    enc, concat = build_psp_encoder(encoder, in_channels, pretrained_path, output_stride, encoder_depth, levels,
-                                    trim_encoder, encoder_kwargs)
-    return PSPNet(enc, in_channels, outputs, concat=concat, bins=bin_sizes, psp_channels=psp_channels,
-                  dropout=float(dropout), lightweight=lightweight)
+
+    output_stride: int = 8
+    encoder_depth: int | None = None
+    levels: str = "auto"
+    bins: Sequence[int] | str = PSP_BINS
+    psp_channels: int | None = None
+    dropout: float = 0.1
+    lightweight: bool = False
+    trim_encoder: bool = True
+    encoder_kwargs: dict[str, Any] | None = None
+
+    def __post_init__(self) -> None:
+        if isinstance(self.output_stride, bool) or self.output_stride not in (8, 16, 32):
+            raise ConfigError(f"output_stride must be 8, 16 or 32, got {self.output_stride!r}")
+        if self.levels not in LEVEL_MODES:
+            raise ConfigError(f"levels {self.levels!r} is not one of {', '.join(LEVEL_MODES)}")
+        channels = self.psp_channels
+        if channels is not None and (isinstance(channels, bool) or not isinstance(channels, int) or channels < 1):
+            raise ConfigError(f"psp_channels must be a positive integer (or empty for the default), got {channels!r}")
+        dropout = self.dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ConfigError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        if not isinstance(self.lightweight, bool):
+            raise ConfigError(f"lightweight must be true or false, got {self.lightweight!r}")
+        self.bins = parse_bins(self.bins)
+
+    def build_encoder(self, encoder: str, bands: int, pretrained_path: str | None) -> tuple[nn.Module, bool]:
+        """See build_psp_encoder."""
+        return build_psp_encoder(encoder, bands, pretrained_path, self.output_stride, self.encoder_depth,
+                                 self.levels, self.trim_encoder, self.encoder_kwargs)
+
+    def head_kwargs(self) -> dict[str, Any]:
+        """The PSP head's options, as PSPNet and SiamesePSPNet take them."""
+        return {"bins": self.bins, "psp_channels": self.psp_channels, "dropout": float(self.dropout),
+                "lightweight": self.lightweight}
 
 
-@register_model("siamese_pspnet", tasks=("change",), default_encoder=HRNET_ENCODER)
-def siamese_pspnet(
-    encoder: str,
-    in_channels: int,
-    outputs: Sequence[OutputGroup],
-    pretrained_path: str | None = None,
-    output_stride: int = 8,
-    encoder_depth: int | None = None,
-    levels: str = "auto",
-    bins: Sequence[int] | str = PSP_BINS,
-    psp_channels: int | None = None,
-    dropout: float = 0.1,
-    lightweight: bool = False,
-    semantic_head: str = "psp",
-    trim_encoder: bool = True,
-    encoder_kwargs: dict[str, Any] | None = None,
-) -> SiamesePSPNet:
+@dataclass
+class SiamesePSPOptions(PSPOptions):
+    """PSPOptions plus `semantic_head`: "psp" (default: a PSP head per date, shared) or "fcn" (the seed's
+    semantic head: no pyramid pooling, 3x3 conv-BN-ReLU, dropout, 1x1)."""
+
+    semantic_head: str = "psp"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.semantic_head not in SEMANTIC_HEADS:
+            raise ConfigError(f"semantic_head {self.semantic_head!r} is not one of {', '.join(SEMANTIC_HEADS)}")
+
+
+@register_model("pspnet", tasks=("binary", "multiclass"), options=PSPOptions)
+def pspnet(encoder: str, in_channels: int, outputs: Sequence[OutputGroup], pretrained_path: str | None = None,
+           options: PSPOptions = PSPOptions()) -> PSPNet:
+    """PSPNet (Zhao et al. 2017) on any timm encoder (PSPOptions). `stride` = the deepest reduction used (8
+    with a dilatable encoder, 32 for HRNet)."""
+    enc, concat = options.build_encoder(encoder, in_channels, pretrained_path)
+    return PSPNet(enc, in_channels, outputs, concat=concat, **options.head_kwargs())
+
+
+@register_model("siamese_pspnet", tasks=("change",), options=SiamesePSPOptions, default_encoder=HRNET_ENCODER)
+def siamese_pspnet(encoder: str, in_channels: int, outputs: Sequence[OutputGroup], pretrained_path: str | None = None,
+                   options: SiamesePSPOptions = SiamesePSPOptions()) -> SiamesePSPNet:
     """Siamese PSPNet, the SenseEarth 2020 winner's model; `in_channels` = 2 * bands (date A first).
 
     Recommended (and registered default) encoder: hrnet_w18, the seed's (its final models: HRNet-W18 and W40),
@@ -346,20 +352,13 @@ def siamese_pspnet(
     level (levels="auto"), like `pspnet`: fusing all levels at stride 4 would run both 3x3 PSP bottlenecks on a
     map 4x the size of a stride-8 one with more channels (levels="concat" does it anyway).
 
-    Options as for `pspnet`, plus `semantic_head`: "psp" (default: a PSP head per date, shared) or "fcn"
-    (the seed's semantic head: no pyramid pooling, 3x3 conv-BN-ReLU, dropout, 1x1). The seed's `lightweight`
-    runs: lightweight=true.
+    Options: SiamesePSPOptions. The seed's `lightweight` runs: lightweight=true.
     """
     check_change_outputs(outputs)
     if in_channels % 2:
         raise ConfigError(
             f"change models take two dates concatenated on channels, so in_channels must be even; got {in_channels}"
         )
-    _check_options(output_stride, levels, psp_channels, dropout, lightweight)
-    if semantic_head not in SEMANTIC_HEADS:
-        raise ConfigError(f"semantic_head {semantic_head!r} is not one of {', '.join(SEMANTIC_HEADS)}")
-    bin_sizes = parse_bins(bins)
-    enc, concat = build_psp_encoder(encoder, in_channels // 2, pretrained_path, output_stride, encoder_depth,
-                                    levels, trim_encoder, encoder_kwargs)
-    return SiamesePSPNet(enc, in_channels, outputs, concat=concat, bins=bin_sizes, psp_channels=psp_channels,
-                         dropout=float(dropout), lightweight=lightweight, semantic_head=semantic_head)
+    enc, concat = options.build_encoder(encoder, in_channels // 2, pretrained_path)
+    return SiamesePSPNet(enc, in_channels, outputs, concat=concat, semantic_head=options.semantic_head,
+                         **options.head_kwargs())

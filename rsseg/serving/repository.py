@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 
+from rsseg import averaging as averaging_module
 from rsseg import contract, faults
 from rsseg import heads as heads_module
 from rsseg.atomic import write_text_atomically
@@ -55,6 +56,16 @@ class ServingOptions:
 
 
 step_names = contract.step_names
+
+
+def onnx_files(spec: ModelSpec) -> list[str]:
+    """The ONNX files of a version's segmenter: model.onnx, or one per ensemble member, in member order."""
+    return [f"member{i}.onnx" for i in range(len(spec.members))] if spec.members else [ONNX_FILE]
+
+
+def served_onnx(segmenter_version: Path) -> list[Path]:
+    """The ONNX files a staged or served segmenter version folder runs (read from its spec)."""
+    return [segmenter_version / f for f in onnx_files(ModelSpec.load(segmenter_version / SPEC_FILE))]
 
 
 def accepts_files(spec: ModelSpec) -> bool:
@@ -91,7 +102,7 @@ def model_configs(name: str, spec: ModelSpec, version: int, options: ServingOpti
         names["segmenter"]: _python_config(
             names["segmenter"], inputs=[(contract.NORMALISED, "TYPE_FP32", [channels, -1, -1])],
             outputs=[(contract.LOGITS, "TYPE_FP32", [classes, -1, -1])], kind=kind, count=options.instances,
-            parameters={"models": json.dumps([ONNX_FILE]), "tta": options.tta}, **common),
+            parameters={"models": json.dumps(onnx_files(spec)), "tta": options.tta}, **common),
         names["postprocess"]: _python_config(
             names["postprocess"], inputs=[(contract.LOGITS, "TYPE_FP32", [classes, -1, -1])],
             outputs=_output_tensors(groups, classes), kind="KIND_CPU",
@@ -120,9 +131,11 @@ def model_files(name: str, spec: ModelSpec) -> dict[str, dict[str, Path | None]]
     names = step_names(name)
     io = {"triton_io.py": MODELS_DIR / "triton_io.py", "contract.py": Path(contract.__file__)}
     heads = {"heads.py": Path(heads_module.__file__)}
+    averaging = {"averaging.py": Path(averaging_module.__file__)}
     files: dict[str, dict[str, Path | None]] = {
         names["preprocess"]: {"model.py": MODELS_DIR / "preprocess.py", **io},
-        names["segmenter"]: {"model.py": MODELS_DIR / "segmenter.py", **heads, **io, ONNX_FILE: None, SPEC_FILE: None},
+        names["segmenter"]: {"model.py": MODELS_DIR / "segmenter.py", **averaging, **heads, **io,
+                               **dict.fromkeys(onnx_files(spec)), SPEC_FILE: None},
         names["postprocess"]: {"model.py": MODELS_DIR / "postprocess.py", **heads, **io},
         name: {},
     }
@@ -139,9 +152,10 @@ def read_history(repo: Path, name: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def stage_promotion(repo: Path, staging: Path, name: str, spec: ModelSpec, onnx_path: Path,
+def stage_promotion(repo: Path, staging: Path, name: str, spec: ModelSpec, onnx_path: Path | list[Path],
                     options: ServingOptions, record: dict[str, Any]) -> int:
-    """Into `staging` (a fresh folder): a copy of `repo` plus a new version of NAME, served.
+    """Into `staging` (a fresh folder): a copy of `repo` plus a new version of NAME, served. `onnx_path`: the
+    model, or an ensemble's members in the order of `spec.members` (the segmenter averages their logits).
 
     Returns the new Triton version number. `repo` itself is not touched.
     """
@@ -156,10 +170,15 @@ def stage_promotion(repo: Path, staging: Path, name: str, spec: ModelSpec, onnx_
             if source is not None:
                 shutil.copyfile(source, folder / target)
     segmenter = staging / step_names(name)["segmenter"] / str(version)
-    shutil.copyfile(onnx_path, segmenter / ONNX_FILE)
+    paths = [onnx_path] if isinstance(onnx_path, Path) else list(onnx_path)
+    files = onnx_files(spec)
+    if len(paths) != len(files):
+        raise ConfigError(f"{name}: {len(paths)} ONNX file(s) for a spec with {len(files)} model(s)")
+    for path, file in zip(paths, files, strict=True):
+        shutil.copyfile(path, segmenter / file)
     spec.save(segmenter / SPEC_FILE)
     history["versions"][str(version)] = {
-        **record, "onnx_sha256": sha256(onnx_path), "options": options.__dict__,
+        **record, "onnx_sha256": ",".join(sha256(p) for p in paths), "options": options.__dict__,
         "staged_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     history["stack"].append(version)

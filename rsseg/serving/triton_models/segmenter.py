@@ -11,12 +11,12 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # heads.py, triton_io.py, contract.py sit beside model.py
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # averaging.py, heads.py, triton_io.py, contract.py sit beside model.py
 
-import numpy as np  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
-from contract import LOGITS, NORMALISED, TTA_MODES  # noqa: E402
+from averaging import average_logits, tta_transforms  # noqa: E402
+from contract import LOGITS, NORMALISED  # noqa: E402
 from triton_io import (  # noqa: E402
     error_response,
     input_array,
@@ -26,43 +26,10 @@ from triton_io import (  # noqa: E402
 )
 
 
-def tta_transforms(mode):
-    """(forward, inverse) pairs on NCHW arrays; inverse maps logits back to the input's frame."""
-    identity = (lambda x: x, lambda y: y)
-    if mode == "none":
-        return [identity]
-    hflip = (lambda x: x[..., ::-1], lambda y: y[..., ::-1])
-    vflip = (lambda x: x[..., ::-1, :], lambda y: y[..., ::-1, :])
-    if mode == "flips":
-        return [identity, hflip, vflip]
-    if mode == "d4":
-        out = []
-        for k in range(4):
-            for flip in (False, True):
-                def forward(x, k=k, flip=flip):
-                    x = np.rot90(x, k, axes=(2, 3))
-                    return x[..., ::-1] if flip else x
-
-                def inverse(y, k=k, flip=flip):
-                    y = y[..., ::-1] if flip else y
-                    return np.rot90(y, -k, axes=(2, 3))
-
-                out.append((forward, inverse))
-        return out
-    raise ValueError(f"tta must be one of {', '.join(TTA_MODES)}, got {mode!r}")
-
-
-def segment(sessions, batch, mode="none"):
-    """Average of the logits of every session over every TTA view."""
-    total = None
-    count = 0
-    for session in sessions:
-        name = session.get_inputs()[0].name
-        for forward, inverse in tta_transforms(mode):
-            logits = inverse(session.run(None, {name: np.ascontiguousarray(forward(batch))})[0])
-            total = logits if total is None else total + logits
-            count += 1
-    return (total / count).astype(np.float32, copy=False)
+def session_runner(session):
+    """The session as a callable NCHW -> logits, for averaging.average_logits."""
+    name = session.get_inputs()[0].name
+    return lambda batch: session.run(None, {name: batch})[0]
 
 
 class TritonPythonModel:
@@ -86,6 +53,7 @@ class TritonPythonModel:
                 f"segmenter: KIND_GPU instance but ONNX Runtime uses {used}; install onnxruntime-gpu or promote "
                 "with --instance-kind cpu")
         self.providers = used
+        self.runners = [session_runner(s) for s in self.sessions]
         self.tta = parameter(config, "tta", "none")
         tta_transforms(self.tta)  # validate
 
@@ -97,7 +65,7 @@ class TritonPythonModel:
                 if batch.shape[0] == 0:
                     raise ValueError("empty batch")
                 mode = json.loads(request.parameters() or "{}").get("tta", self.tta)
-                logits = segment(self.sessions, batch, mode)
+                logits = average_logits(self.runners, batch, mode)
                 responses.append(pb_utils.InferenceResponse(output_tensors=[output_tensor(LOGITS, logits)]))
             except Exception as exc:  # noqa: BLE001 - a failing request must not take the model down
                 responses.append(error_response("segmenter", exc))

@@ -1,0 +1,161 @@
+"""`evaluate`: score a model the way it is served. Whole labelled scenes of a prepared dataset go through the
+scene client's own tiling and stitching (rsseg.evaluation.served_predictor: adaptive tile size, centre-keep
+margin, optional TTA) into ONNX Runtime in process, or into a running Triton server; the full-size maps are
+scored with every metric of the task and the result is logged as a run of `rsseg-evaluations`, and tagged on
+the evaluated version (`eval_<metric>`) so that promotion can rank versions on what is served.
+
+Several models (`models:/NAME/3,5,7`) are scored as their logit-averaging ensemble, computed as the served
+segmenter computes it (rsseg.averaging).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rsseg import tracking
+from rsseg.config import EvaluateConfig
+from rsseg.data.datasets import PreparedData
+from rsseg.errors import ConfigError
+from rsseg.evaluation import Evaluator, OnnxModel, labelled_scenes, score_scenes, served_predictor
+from rsseg.export.onnx import export_onnx
+from rsseg.models.ensemble import LogitAverage
+from rsseg.spec import ModelSpec, ensemble_spec, member_label
+
+log = logging.getLogger(__name__)
+
+SPLITS = {"val": ("val",), "train": ("train",), "all": ("train", "val")}
+
+
+@dataclass
+class ServedModel:
+    """A running Triton server's ensemble, as served_predictor takes a model: its spec and class maps."""
+
+    segmenter: Any  # rsseg.client.triton.TritonSegmenter
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self.segmenter.spec
+
+    def class_maps(self, tiles: np.ndarray) -> np.ndarray:
+        return self.segmenter(tiles)
+
+
+def evaluate(config: EvaluateConfig) -> dict[str, Any]:
+    """Score, log and tag; returns the summary (metrics, where they were computed, the run id)."""
+    if not config.model and not config.url:
+        raise ConfigError("evaluate: name a model (model=models:/NAME/VERSION, a list, or runs:/RUN_ID) or a "
+                          "running server (url=HOST:PORT)")
+    uris = tracking.expand_model_uris(config.model)
+    members = [tracking.load_model_uri(uri, what="model") for uri in uris]
+    if not config.url:
+        return evaluate_loaded(members, config)
+    from rsseg.client.triton import TritonSegmenter
+
+    specs = [spec for _, spec in members]
+    with TritonSegmenter([config.url], config.served_model or None, tta=config.tta) as segmenter:
+        if specs:
+            _check_served(segmenter.spec, specs[0] if len(specs) == 1 else ensemble_spec(specs))
+        return _evaluate(config, ServedModel(segmenter), specs, where=f"triton {config.url}")
+
+
+def evaluate_loaded(members: list[tuple[Any, ModelSpec]], config: EvaluateConfig) -> dict[str, Any]:
+    """evaluate() for models already loaded (one, or an ensemble's members), in ONNX Runtime in process:
+    each exported on its own, their logits averaged as the served segmenter averages them."""
+    specs = [spec for _, spec in members]
+    parts = [part for model, spec in members for part in _parts(model, spec)]
+    spec = specs[0] if len(specs) == 1 else ensemble_spec([s for _, s in parts])
+    with tempfile.TemporaryDirectory(prefix="rsseg-evaluate-") as tmp:
+        paths = [export_onnx(model, part, Path(tmp) / f"member{i}.onnx") for i, (model, part) in enumerate(parts)]
+        return _evaluate(config, OnnxModel(paths, spec, tta=config.tta), specs, where="onnxruntime in process")
+
+
+def _evaluate(config: EvaluateConfig, model: Any, specs: list[ModelSpec], where: str) -> dict[str, Any]:
+    spec: ModelSpec = model.spec
+    data = PreparedData.load(_data_root(config, specs))
+    _check_data(data, spec)
+    scenes = [s for split in SPLITS[config.split] for s in labelled_scenes(data, split)]
+    if not scenes:
+        raise ConfigError(f"{data.root}: no scenes in split {config.split!r}; choose split=train, val or all")
+    headline = spec.dataset.headline_metric
+    predict = served_predictor(model, data, batch=config.batch, margin=None if config.margin < 0 else config.margin,
+                               tile=config.tile or None)
+    total = Evaluator(spec)
+
+    def progress(i: int, row: dict[str, Any]) -> None:
+        log.info("scene %d/%d %s: %s %.4f", i + 1, len(scenes), row["scene"], headline, row.get(headline, math.nan))
+
+    metrics, rows = score_scenes(data, spec, scenes, predict, total=total, on_scene=progress)
+    rows.sort(key=lambda r: _sort_key(r.get(headline)))  # worst scenes first
+    label = config.model or f"{config.url}/{config.served_model or spec.model_name}"
+    summary = {"model": label, "members": [member_label(s) for s in specs] or None, "where": where,
+               "data": str(data.root), "split": config.split, "scenes": len(scenes), "tta": config.tta,
+               "headline_metric": headline, "headline": metrics.get(headline)}
+    params = {"model": label, "members": len(specs) or 1, "data": str(data.root), "split": config.split,
+              "where": where, "tta": config.tta, "margin": config.margin, "tile": config.tile, "batch": config.batch}
+    summary["run_id"] = tracking.log_evaluation(summary, metrics, rows, total.confusion.matrix, total.class_names,
+                                                params)
+    registered = [s for s in specs if s.model_name and s.model_version]
+    if config.tag and len(specs) == 1 and registered:
+        target = registered[0]
+        tracking.tag_evaluation(target.model_name, target.model_version, metrics, {
+            "eval_run_id": summary["run_id"], "eval_data": str(data.root), "eval_split": config.split,
+            "eval_tta": config.tta, "eval_headline_metric": f"eval_{headline}"})
+        summary["tagged"] = member_label(target)
+    summary["metrics"] = metrics
+    log.info("%s on %d %s scene(s) of %s (%s): %s %.4f", label, len(scenes), config.split, data.root, where, headline,
+             metrics.get(headline, math.nan))
+    return summary
+
+
+def _parts(model: Any, spec: ModelSpec) -> list[tuple[Any, ModelSpec]]:
+    """A registered ensemble's members (each exported on its own, as promotion serves them), or the model."""
+    if isinstance(model, LogitAverage):
+        return list(zip(model.members, model.specs, strict=True))
+    return [(model, spec)]
+
+
+def _data_root(config: EvaluateConfig, specs: list[ModelSpec]) -> str:
+    if config.data:
+        return config.data
+    trained_on = next((tracking.run_param(s.run_id, "data") for s in specs if s.run_id), None)
+    if not trained_on:
+        raise ConfigError("evaluate: no data given and the model's run does not record what it was trained on; "
+                          "give data=PATH of a prepared dataset")
+    if not Path(trained_on).is_dir():
+        raise ConfigError(f"evaluate: the model was trained on {trained_on}, which is not here; give data=PATH of a "
+                          "prepared dataset")
+    return trained_on
+
+
+def _check_data(data: PreparedData, spec: ModelSpec) -> None:
+    mine, theirs = spec.dataset, data.spec
+    if (mine.task, mine.classes, mine.bands, mine.dtype) != (theirs.task, theirs.classes, theirs.bands, theirs.dtype):
+        raise ConfigError(f"evaluate: {data.root} is {theirs.task} data with classes {theirs.classes}, bands "
+                          f"{theirs.bands} ({theirs.dtype}), but the model takes {mine.task} {mine.classes}, bands "
+                          f"{mine.bands} ({mine.dtype}); give data= of the kind it was trained on")
+
+
+def _check_served(served: ModelSpec, expected: ModelSpec) -> None:
+    """With both url and model: the server must serve those very versions."""
+    def versions(spec: ModelSpec) -> list[tuple[Any, Any]]:
+        members = spec.members or [{"model_name": spec.model_name, "model_version": spec.model_version}]
+        return [(m.get("model_name"), m.get("model_version")) for m in members]
+
+    if versions(served) != versions(expected):
+        raise ConfigError(f"evaluate: the server serves {versions(served)}, not the model named {versions(expected)}; "
+                          "leave model empty to score what it serves")
+
+
+def _sort_key(value: Any) -> float:
+    try:
+        value = float(value)
+    except (TypeError, ValueError):
+        return math.inf
+    return value if math.isfinite(value) else math.inf
