@@ -33,6 +33,10 @@ EXTRA = """\
     parameters:
       budget: {type: float, default: 300}
     command: "python -m pipelines.bench_models --budget {budget}"
+  bench_ensembles:
+    parameters:
+      budget: {type: float, default: 300}
+    command: "python -m pipelines.bench_ensembles --budget {budget}"
   bench_serving:
     parameters:
       tile: {type: float, default: 512}
