@@ -26,7 +26,8 @@ def served_check(repo: Path, name: str, spec: ModelSpec, onnx_path: Path | list[
     with TritonServer(repo, on_spawn=on_spawn, log_path=log_path) as server:
         faults.point("server-started")
         server.wait_model_ready(name)
-        served = infer_tiles(server.grpc_url, name, tile[None])[0]
+        # tta=none whatever the served default: the same views on both sides (TTA is rsseg.averaging's, tested)
+        served = infer_tiles(server.grpc_url, name, tile[None], tta="none")[0]
     expected = onnx_class_maps(onnx_path, spec, tile[None])[0]
     agree = float((served == expected).mean())
     if agree < 1.0:

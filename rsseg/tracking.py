@@ -314,13 +314,7 @@ def register_ensemble(name: str, members: list[str], spec: ModelSpec, tags: dict
     of its own holding the ensemble's spec and member list, registered with the members in the
     `ensemble_members` tag (load_registered rebuilds it from them). Returns the new version."""
     client = MlflowClient()
-    experiment = client.get_experiment_by_name(DEFAULT_EXPERIMENT)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(DEFAULT_EXPERIMENT)
-    run_tags = {"mlflow.runName": f"ensemble-{name}-v{'-v'.join(members)}"[:250]}
-    parent = os.environ.get("MLFLOW_RUN_ID") or (mlflow.active_run().info.run_id if mlflow.active_run() else None)
-    if parent:
-        run_tags["mlflow.parentRunId"] = parent
-    run = client.create_run(experiment_id, tags=run_tags)
+    run = client.get_run(_side_run(DEFAULT_EXPERIMENT, f"ensemble-{name}-v{'-v'.join(members)}", {}))
     client.log_dict(run.info.run_id, spec.to_dict(), f"ensemble/{SPEC_FILE}")
     client.log_dict(run.info.run_id, {"model_name": name, "members": members, "tags": tags}, "ensemble/ensemble.json")
     client.set_terminated(run.info.run_id)
@@ -350,6 +344,19 @@ def set_champion(name: str, version: str, previous: str | None, tags: dict[str, 
 EVALUATION_EXPERIMENT = "rsseg-evaluations"
 
 
+def _side_run(experiment: str, name: str, tags: dict[str, str]) -> str:
+    """A run of its own in `experiment`, created through the client so it never collides with an enclosing
+    project run (`mlflow run . -e main` trains, registers and promotes in one go); nested under that run."""
+    client = MlflowClient()
+    found = client.get_experiment_by_name(experiment)
+    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    tags = {"mlflow.runName": name[:250], **tags}
+    parent = os.environ.get("MLFLOW_RUN_ID") or (mlflow.active_run().info.run_id if mlflow.active_run() else None)
+    if parent:
+        tags["mlflow.parentRunId"] = parent
+    return client.create_run(experiment_id, tags=tags).info.run_id
+
+
 def log_evaluation(summary: dict[str, Any], metrics: dict[str, float], scenes: list[dict[str, Any]],
                    confusion: np.ndarray, class_names: list[str], params: dict[str, Any]) -> str:
     """An evaluation is a run of its own in `rsseg-evaluations` (nested under an enclosing project run):
@@ -357,13 +364,7 @@ def log_evaluation(summary: dict[str, Any], metrics: dict[str, float], scenes: l
     import pandas as pd
 
     client = MlflowClient()
-    experiment = client.get_experiment_by_name(EVALUATION_EXPERIMENT)
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment(EVALUATION_EXPERIMENT)
-    tags = {"mlflow.runName": f"evaluate-{summary['model']}"[:250]}
-    parent = os.environ.get("MLFLOW_RUN_ID") or (mlflow.active_run().info.run_id if mlflow.active_run() else None)
-    if parent:
-        tags["mlflow.parentRunId"] = parent
-    run_id = client.create_run(experiment_id, tags=tags).info.run_id
+    run_id = _side_run(EVALUATION_EXPERIMENT, f"evaluate-{summary['model']}", {})
     for key, value in params.items():
         client.log_param(run_id, key, _param(value))
     for key, value in metrics.items():
@@ -390,18 +391,11 @@ def tag_evaluation(name: str, version: str, metrics: dict[str, float], tags: dic
 
 
 def log_promotion(summary: dict[str, Any], history: Path) -> str:
-    """Each promotion or rollback is a run of its own in `rsseg-promotions`: which version, why, and the
-    checks' figures. Created through the client so it never collides with an enclosing project run
-    (`mlflow run . -e main` trains, registers and promotes in one go); it is nested under that run."""
+    """Each promotion or rollback is a run of its own in `rsseg-promotions` (_side_run): which version, why,
+    and the checks' figures."""
     client = MlflowClient()
-    experiment = client.get_experiment_by_name("rsseg-promotions")
-    experiment_id = experiment.experiment_id if experiment else client.create_experiment("rsseg-promotions")
-    tags = {"mlflow.runName": f"{summary['action']}-{summary['model_name']}-v{summary['version']}",
-            "reason": str(summary.get("reason", summary["action"]))}
-    parent = os.environ.get("MLFLOW_RUN_ID") or (mlflow.active_run().info.run_id if mlflow.active_run() else None)
-    if parent:
-        tags["mlflow.parentRunId"] = parent
-    run_id = client.create_run(experiment_id, tags=tags).info.run_id
+    run_id = _side_run("rsseg-promotions", f"{summary['action']}-{summary['model_name']}-v{summary['version']}",
+                       {"reason": str(summary.get("reason", summary["action"]))})
     for key in ("action", "model_name", "version"):
         client.log_param(run_id, key, _param(summary[key]))
     parity = summary.get("parity") or {}
