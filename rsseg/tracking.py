@@ -276,9 +276,10 @@ def _load_run(uri: str, what: str) -> tuple[torch.nn.Module, ModelSpec]:
 def run_param(run_id: str, key: str) -> str | None:
     """A param of a run (e.g. the `data` a version was trained on), or None."""
     try:
-        return MlflowClient().get_run(run_id).data.params.get(key)
+        value = MlflowClient().get_run(run_id).data.params.get(key)
     except mlflow.exceptions.MlflowException:
         return None
+    return value.strip("'\"") if value is not None else None  # `mlflow run` logs -P values shell-quoted
 
 
 ENSEMBLE_TAG = "ensemble_members"  # on a registered ensemble version: its member versions, in order

@@ -128,3 +128,14 @@ def test_a_mismatched_ensemble_is_refused_and_changes_nothing(seaice_prepared, m
         promote(PromoteConfig(model_name=NAME, ensemble="1,7", repo=str(repo)))
     assert tree_digest(repo) == before
     assert len(MlflowClient().search_model_versions(f"name='{NAME}'")) == 2  # nothing registered
+
+
+def test_bench_ensembles_table_layout():
+    from rsseg.bench.ensembles import format_ensemble_table
+
+    row = {"dataset": "dubai", "metric": "miou", "budget_s": 300.0, "cycles": 3, "single": 0.5, "last_snapshot": 0.48,
+           "snapshot_ensemble": 0.52, "snapshot_val": [0.3, 0.45, 0.5], "one_model_tiles_per_s": 5.0,
+           "ensemble_tiles_per_s": 1.7}
+    lines = format_ensemble_table([row]).splitlines()
+    assert len(lines) == 3 and lines[0].count("|") == lines[2].count("|")
+    assert "| dubai (miou) | 300 s | 0.500 | 0.480 | **0.520** (3 members) | 0.300, 0.450, 0.500 | 5.0 / 1.7 |" in lines
