@@ -78,11 +78,36 @@ def evaluate_loaded(members: list[tuple[Any, ModelSpec]], config: EvaluateConfig
 
 def _evaluate(config: EvaluateConfig, model: Any, specs: list[ModelSpec], where: str) -> dict[str, Any]:
     spec: ModelSpec = model.spec
-    data = PreparedData.load(_data_root(config, specs))
+    root = Path(_data_root(config, specs))
+    with tempfile.TemporaryDirectory(prefix="rsseg-evaluate-data-") as tmp:
+        if root.is_dir() and not (root / "dataset_spec.json").is_file():
+            return _evaluate_prepared(config, model, specs, where, _prepare_folder(root, spec, Path(tmp)), "all")
+        return _evaluate_prepared(config, model, specs, where, PreparedData.load(root), config.split)
+
+
+def _prepare_folder(folder: Path, spec: ModelSpec, out: Path) -> PreparedData:
+    """A folder of labelled scenes (any layout `prepare` reads), prepared on the fly with the model's classes
+    and bands; every scene is scored."""
+    from rsseg.data.prepare import prepare_dataset
+
+    ds = spec.dataset
+    if ds.mask_encoding == "palette":
+        raise ConfigError(f"{folder}: colour masks need the dataset's palette; prepare the folder first (mlflow run "
+                          ". -e prepare -P source=... -P palette=...) and give data= the prepared folder")
+    log.info("preparing %s to score it (not a prepared dataset)", folder)
+    prepare_dataset(folder, out / "prepared", task=ds.task, classes=list(ds.classes), bands=list(ds.bands),
+                    mask_threshold=ds.mask_threshold, ignore_index=ds.ignore_index, tile_size=min(spec.tile_sizes),
+                    overlap=0, progress=False)
+    return PreparedData.load(out / "prepared")
+
+
+def _evaluate_prepared(config: EvaluateConfig, model: Any, specs: list[ModelSpec], where: str, data: PreparedData,
+                       split: str) -> dict[str, Any]:
+    spec: ModelSpec = model.spec
     _check_data(data, spec)
-    scenes = [s for split in SPLITS[config.split] for s in labelled_scenes(data, split)]
+    scenes = [s for name in SPLITS[split] for s in labelled_scenes(data, name)]
     if not scenes:
-        raise ConfigError(f"{data.root}: no scenes in split {config.split!r}; choose split=train, val or all")
+        raise ConfigError(f"{data.root}: no scenes in split {split!r}; choose split=train, val or all")
     headline = spec.dataset.headline_metric
     predict = served_predictor(model, data, batch=config.batch, margin=None if config.margin < 0 else config.margin,
                                tile=config.tile or None)
@@ -95,9 +120,9 @@ def _evaluate(config: EvaluateConfig, model: Any, specs: list[ModelSpec], where:
     rows.sort(key=lambda r: _sort_key(r.get(headline)))  # worst scenes first
     label = config.model or f"{config.url}/{config.served_model or spec.model_name}"
     summary = {"model": label, "members": [member_label(s) for s in specs] or None, "where": where,
-               "data": str(data.root), "split": config.split, "scenes": len(scenes), "tta": config.tta,
+               "data": str(config.data or data.root), "split": split, "scenes": len(scenes), "tta": config.tta,
                "headline_metric": headline, "headline": metrics.get(headline)}
-    params = {"model": label, "members": len(specs) or 1, "data": str(data.root), "split": config.split,
+    params = {"model": label, "members": len(specs) or 1, "data": summary["data"], "split": split,
               "where": where, "tta": config.tta, "margin": config.margin, "tile": config.tile, "batch": config.batch}
     summary["run_id"] = tracking.log_evaluation(summary, metrics, rows, total.confusion.matrix, total.class_names,
                                                 params)
@@ -105,11 +130,11 @@ def _evaluate(config: EvaluateConfig, model: Any, specs: list[ModelSpec], where:
     if config.tag and len(specs) == 1 and registered:
         target = registered[0]
         tracking.tag_evaluation(target.model_name, target.model_version, metrics, {
-            "eval_run_id": summary["run_id"], "eval_data": str(data.root), "eval_split": config.split,
+            "eval_run_id": summary["run_id"], "eval_data": summary["data"], "eval_split": split,
             "eval_tta": config.tta, "eval_headline_metric": f"eval_{headline}"})
         summary["tagged"] = member_label(target)
     summary["metrics"] = metrics
-    log.info("%s on %d %s scene(s) of %s (%s): %s %.4f", label, len(scenes), config.split, data.root, where, headline,
+    log.info("%s on %d %s scene(s) of %s (%s): %s %.4f", label, len(scenes), split, summary["data"], where, headline,
              metrics.get(headline, math.nan))
     return summary
 

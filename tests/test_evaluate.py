@@ -87,6 +87,12 @@ def test_evaluate_equals_a_hand_computed_confusion_matrix_and_tags_the_version(r
     assert tags["eval_run_id"] == summary["run_id"] and tags["eval_split"] == "val"
     assert "eval_iou_target" not in client.get_model_version(registered, "2").tags
 
+    # a folder of labelled scenes (not prepared): prepared on the fly, every scene scored
+    folder = evaluate(EvaluateConfig(model=f"models:/{registered}/1", data=str(seaice_prepared.parent / "source"),
+                                     tag=False))
+    assert folder["split"] == "all" and folder["scenes"] == len(data.scenes)
+    assert folder["data"] == str(seaice_prepared.parent / "source")
+
 
 @pytest.mark.slow
 def test_an_ensemble_of_a_model_with_itself_is_that_model(registered):
