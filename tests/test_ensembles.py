@@ -138,4 +138,4 @@ def test_bench_ensembles_table_layout():
            "ensemble_tiles_per_s": 1.7}
     lines = format_ensemble_table([row]).splitlines()
     assert len(lines) == 3 and lines[0].count("|") == lines[2].count("|")
-    assert "| dubai (miou) | 300 s | 0.500 | 0.480 | **0.520** (3 members) | 0.300, 0.450, 0.500 | 5.0 / 1.7 |" in lines
+    assert "| dubai (miou) | 300 s | 0.500 | 0.480 | 0.520 (3 members) | 0.300, 0.450, 0.500 | 5.0 / 1.7 |" in lines

@@ -85,7 +85,7 @@ def format_ensemble_table(rows: list[dict[str, Any]]) -> str:
              "validation | ORT tiles/s: one / ensemble |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['dataset']} ({r['metric']}) | {r['budget_s']:.0f} s | {r['single']:.3f} | "
-                     f"{r['last_snapshot']:.3f} | **{r['snapshot_ensemble']:.3f}** ({r['cycles']} members) | "
+                     f"{r['last_snapshot']:.3f} | {r['snapshot_ensemble']:.3f} ({r['cycles']} members) | "
                      f"{', '.join(f'{v:.3f}' for v in r['snapshot_val'])} | {r['one_model_tiles_per_s']} / "
                      f"{r['ensemble_tiles_per_s']} |")
     return "\n".join(lines)
