@@ -23,7 +23,7 @@ _CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "best_value", "b
 def rng_state() -> dict[str, Any]:
     name, key, pos, has_gauss, gauss = np.random.get_state(legacy=True)
     return {"python": random.getstate(), "numpy": (name, key.tolist(), pos, has_gauss, gauss),
-            "torch": torch.getrng_state()}
+            "torch": torch.get_rng_state()}
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
