@@ -8,13 +8,14 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from rsseg.config import EvaluateConfig, MainConfig, PrepareConfig, PromoteConfig, TrainConfig
+from rsseg.config import EvaluateConfig, MainConfig, PrepareConfig, PromoteConfig, PseudoLabelConfig, TrainConfig
 
 ENTRY_POINTS = {
     "main": ("pipelines.main", MainConfig),
     "prepare": ("pipelines.prepare", PrepareConfig),
     "train": ("pipelines.train", TrainConfig),
     "evaluate": ("pipelines.evaluate", EvaluateConfig),
+    "pseudo_label": ("pipelines.pseudo_label", PseudoLabelConfig),
     "promote": ("pipelines.promote", PromoteConfig),
 }
 # Entry points whose flags are not dataclass-derived (free-form benchmark options).

@@ -203,6 +203,20 @@ class EvaluateConfig:
 
 
 @dataclass
+class PseudoLabelConfig:
+    teacher: str = _opt("", "the teacher: models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID, or several joined by "
+                        "commas (their logits averaged)")
+    source: str = _opt("", "folder of unlabelled scenes (image files, or an images/ or image/ folder of them)")
+    out: str = _opt("", "prepared dataset to write; empty: data/prepared/<source name>-pseudo (the masks go beside "
+                    "it, in <out>-labels)")
+    threshold: float = _opt(0.9, "keep a pixel's class where the teacher's probability reaches this; ignore elsewhere")
+    tta: str = _opt("none", "test-time augmentation of the teacher (none, flips, d4)", ("none", "flips", "d4"))
+    batch: int = _opt(4, "windows per teacher call")
+    tile_size: int = _opt(0, "tile size of the prepared dataset (0: the teacher's training tile size)")
+    overlap: int = _opt(-1, "overlap between neighbouring tiles in pixels (-1: as the teacher's training data)")
+
+
+@dataclass
 class PromoteConfig:
     model_name: str = _opt("rsseg-binary", "registered model whose versions compete")
     metric: str = _opt("", "version tag to compare on: val_<metric> (training validation) or eval_<metric> (`evaluate`, "

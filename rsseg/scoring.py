@@ -69,11 +69,19 @@ def evaluate_loaded(members: list[tuple[Any, ModelSpec]], config: EvaluateConfig
     """evaluate() for models already loaded (one, or an ensemble's members), in ONNX Runtime in process:
     each exported on its own, their logits averaged as the served segmenter averages them."""
     specs = [spec for _, spec in members]
+    with tempfile.TemporaryDirectory(prefix="rsseg-evaluate-") as tmp:
+        model = onnx_ensemble(members, Path(tmp), tta=config.tta)
+        return _evaluate(config, model, specs, where="onnxruntime in process")
+
+
+def onnx_ensemble(members: list[tuple[Any, ModelSpec]], folder: Path, tta: str = "none") -> OnnxModel:
+    """Loaded models (one, several, or registered ensembles) as the served segmenter runs them: each member
+    exported to ONNX in `folder`, their logits averaged (over `tta` views too)."""
+    specs = [spec for _, spec in members]
     parts = [part for model, spec in members for part in _parts(model, spec)]
     spec = specs[0] if len(specs) == 1 else ensemble_spec([s for _, s in parts])
-    with tempfile.TemporaryDirectory(prefix="rsseg-evaluate-") as tmp:
-        paths = [export_onnx(model, part, Path(tmp) / f"member{i}.onnx") for i, (model, part) in enumerate(parts)]
-        return _evaluate(config, OnnxModel(paths, spec, tta=config.tta), specs, where="onnxruntime in process")
+    paths = [export_onnx(model, part, folder / f"member{i}.onnx") for i, (model, part) in enumerate(parts)]
+    return OnnxModel(paths, spec, tta=tta)
 
 
 def _evaluate(config: EvaluateConfig, model: Any, specs: list[ModelSpec], where: str) -> dict[str, Any]:

@@ -77,6 +77,9 @@ class DatasetSpec:
     # The prepared tile grid (None in specs written before it was recorded here; tiles.csv has it too).
     tile_size: int | None = None
     overlap: int | None = None
+    # How the labels were made when not by people: `pseudo_label` records its teacher, threshold and the
+    # share of each class's pixels it kept.
+    provenance: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         if self.task not in TASKS:

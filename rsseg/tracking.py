@@ -381,6 +381,21 @@ def log_evaluation(summary: dict[str, Any], metrics: dict[str, float], scenes: l
     return run_id
 
 
+def log_pseudo_labels(summary: dict[str, Any]) -> str:
+    """A pseudo-labelling is a run of its own (experiment `rsseg`): teacher, threshold, the share kept per class."""
+    client = MlflowClient()
+    run_id = _side_run(DEFAULT_EXPERIMENT, f"pseudo-label-{Path(summary['out']).name}",
+                       {"teacher": summary["teacher"], "kind": "pseudo_label"})
+    for key in ("teacher", "threshold", "tta", "source", "out", "scenes"):
+        client.log_param(run_id, key, _param(summary[key]))
+    for name, share in summary["kept_share"].items():
+        if _finite(share):
+            client.log_metric(run_id, f"kept_share_{name}", float(share))
+    client.log_dict(run_id, summary, "pseudo_labels.json")
+    client.set_terminated(run_id)
+    return run_id
+
+
 def tag_evaluation(name: str, version: str, metrics: dict[str, float], tags: dict[str, str]) -> None:
     """`eval_<metric>` tags (and `tags`) on a registered version: promotion can rank on served-path metrics."""
     client = MlflowClient()

@@ -1,0 +1,103 @@
+"""`pseudo_label`: the teacher's classes where it is sure, the ignore index elsewhere, as a prepared dataset that
+records its teacher and threshold and trains like any other."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from mlflow import MlflowClient
+
+from rsseg.config import PseudoLabelConfig
+from rsseg.data.datasets import PreparedData
+from rsseg.errors import ConfigError, DataError
+from rsseg.pseudo_labels import IGNORED, ConfidentTeacher, pseudo_label, unlabelled_images
+from rsseg.spec import DatasetSpec, ModelSpec, OutputGroup
+from rsseg.tracked_training import train_and_register
+from rsseg.training import train
+from tests.conftest import tiny_config
+
+
+class _FixedLogits:
+    """A stand-in teacher whose logits are given."""
+
+    def __init__(self, logits: np.ndarray) -> None:
+        dataset = DatasetSpec(name="t", task="multiclass", classes=["a", "b", "c"], colors=[[0, 0, 0]] * 3,
+                              bands=[1, 2, 3])
+        self.spec = ModelSpec(dataset=dataset, architecture="unet", encoder="e", in_channels=3,
+                              outputs=[OutputGroup("classes", 3)])
+        self._logits = logits
+
+    def logits(self, tiles: np.ndarray) -> np.ndarray:
+        return self._logits
+
+
+def test_confident_teacher_keeps_exactly_the_pixels_at_or_above_the_threshold():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(scale=3.0, size=(2, 3, 8, 8)).astype(np.float32)
+    exp = np.exp(logits - logits.max(axis=1, keepdims=True))
+    probabilities = exp / exp.sum(axis=1, keepdims=True)
+    teacher = ConfidentTeacher(_FixedLogits(logits), threshold=0.8)
+    maps = teacher.class_maps(np.zeros((2, 8, 8, 3), dtype=np.uint8))[:, 0]
+    sure = probabilities.max(axis=1) >= 0.8
+    assert 0 < sure.mean() < 1  # the check means something
+    np.testing.assert_array_equal(maps[sure], probabilities.argmax(axis=1)[sure])
+    assert (maps[~sure] == IGNORED).all()
+    np.testing.assert_array_equal(teacher.predicted, np.bincount(probabilities.argmax(axis=1).ravel(), minlength=3))
+    np.testing.assert_array_equal(teacher.kept, np.bincount(probabilities.argmax(axis=1)[sure], minlength=3))
+
+
+def test_unlabelled_images_are_found_or_named(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "images" / "b.tif").write_bytes(b"x")
+    (tmp_path / "images" / "a.png").write_bytes(b"x")
+    (tmp_path / "images" / "notes.txt").write_text("x")
+    assert [p.name for p in unlabelled_images(tmp_path)] == ["a.png", "b.tif"]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no image files"):
+        unlabelled_images(tmp_path / "empty")
+    with pytest.raises(ConfigError, match="name the teacher"):
+        pseudo_label(PseudoLabelConfig(source=str(tmp_path)))
+
+
+@pytest.mark.slow
+def test_pseudo_label_writes_a_prepared_dataset_that_trains(seaice_prepared, mlflow_store, tmp_path):
+    teacher = train_and_register(tiny_config(seaice_prepared, tmp_path / "t", epochs=2, model_name="teacher"))
+    source = seaice_prepared.parent / "source"
+    out = tmp_path / "pseudo"
+    loose = pseudo_label(PseudoLabelConfig(teacher=f"models:/teacher/{teacher['model_version']}",
+                                           source=str(source), out=str(tmp_path / "loose"), threshold=0.5))
+    summary = pseudo_label(PseudoLabelConfig(teacher=f"models:/teacher/{teacher['model_version']}",
+                                             source=str(source), out=str(out), threshold=0.7))
+    data = PreparedData.load(out)
+    provenance = data.spec.provenance
+    assert provenance["kind"] == "pseudo_label" and provenance["threshold"] == 0.7
+    assert provenance["members"] == [f"teacher v{teacher['model_version']}"]
+    assert summary["scenes"] == len(unlabelled_images(source)) == len(data.scenes)
+    assert set(provenance["kept_share"]) == {"background", "ice"}
+    assert data.spec.classes == ["background", "ice"] and data.spec.mask_encoding == "index"
+
+    kept = np.zeros(2, dtype=np.int64)
+    for mask in sorted((tmp_path / "pseudo-labels" / "masks").glob("*.tif")):
+        with rasterio.open(mask) as strict, rasterio.open(tmp_path / "loose-labels" / "masks" / mask.name) as lax:
+            a, b = strict.read(1), lax.read(1)
+        assert set(np.unique(a)) <= {0, 1, IGNORED}
+        sure = a != IGNORED
+        np.testing.assert_array_equal(a[sure], b[sure])  # a higher threshold keeps a subset, same classes
+        kept += np.bincount(a[sure].ravel(), minlength=2)
+    assert kept.tolist() == [provenance["kept_pixels"]["background"], provenance["kept_pixels"]["ice"]]
+    assert sum(loose["kept_pixels"].values()) >= kept.sum()
+
+    run = MlflowClient().get_run(summary["run_id"])
+    assert run.data.params["threshold"] == "0.7" and "kept_share_background" in run.data.metrics
+
+    result = train(tiny_config(out, tmp_path / "s", epochs=1), data)  # a prepared dataset like any other
+    assert result.spec.dataset.name == "pseudo"
+
+    with pytest.raises(ConfigError, match="is not empty"):
+        pseudo_label(PseudoLabelConfig(teacher="models:/teacher/1", source=str(source), out=str(out)))
+    with pytest.raises(ConfigError, match="no such registered version"):
+        pseudo_label(PseudoLabelConfig(teacher="models:/nobody/1", source=str(source), out=str(tmp_path / "x")))
+    assert not (tmp_path / "x").exists() and not Path(str(tmp_path / "x") + "-labels").exists()
