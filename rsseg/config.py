@@ -40,7 +40,10 @@ class PrepareConfig:
 
 @dataclass
 class TrainConfig:
-    data: str = _opt("", "prepared dataset folder; empty: generate and prepare the embedded sea-ice dataset")
+    data: str = _opt("", "prepared dataset folder, or several joined by commas (the first is validated on; the others, "
+                     "e.g. pseudo labels, add all their scenes to training); empty: the embedded sea-ice dataset")
+    mix: str = _opt("", "with several datasets: samples per epoch from each, as shares (e.g. 1:1); empty: as many as "
+                    "each holds")
     fold: int = _opt(-1, "validation fold (-1: the 9:1 holdout split)")
     architecture: str = _opt("", "model name in the registry; empty: unet (binary change: both dates' bands stacked; "
                                "siamese_unet for semantic change data)")

@@ -158,6 +158,7 @@ def _data_root(config: EvaluateConfig, specs: list[ModelSpec]) -> str:
     if config.data:
         return config.data
     trained_on = next((tracking.run_param(s.run_id, "data") for s in specs if s.run_id), None)
+    trained_on = trained_on.split(",")[0].strip() if trained_on else None  # several: the first is validated on
     if not trained_on:
         raise ConfigError("evaluate: no data given and the model's run does not record what it was trained on; "
                           "give data=PATH of a prepared dataset")

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from rsseg import tracking
-from rsseg.config import TrainConfig
+from rsseg.config import TrainConfig, split_list
 from rsseg.data.datasets import PreparedData
 from rsseg.data.defaults import default_dataset
 from rsseg.training import is_main_process, train
@@ -15,17 +15,18 @@ from rsseg.training import is_main_process, train
 
 def train_and_register(config: TrainConfig) -> dict[str, Any] | None:
     """Train inside an MLflow run and register; the run's summary (None on ranks other than 0)."""
-    data = PreparedData.load(config.data) if config.data else PreparedData.load(default_dataset())
+    roots = split_list(config.data) or [str(default_dataset())]
+    data, extra = PreparedData.load(roots[0]), [PreparedData.load(root) for root in roots[1:]]
     start = tracking.load_model_uri(config.init_from) if config.init_from else None
     if not is_main_process():
-        train(config, data, start=start)
+        train(config, data, start=start, extra=extra)
         return None
     with tracking.start_run(run_name=f"train-{data.spec.name}") as active:
         if not config.checkpoint_dir:
             config.checkpoint_dir = str(Path("runs") / active.info.run_id)
         tracking.log_config(config, "train")
         tracking.log_dataset(data.root)
-        result = train(config, data, on_epoch_end=tracking.epoch_logger(), start=start)
+        result = train(config, data, on_epoch_end=tracking.epoch_logger(), start=start, extra=extra)
         lineage = {}
         if start is not None:
             parent = start[1]

@@ -13,7 +13,7 @@ import math
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -33,7 +33,7 @@ from rsseg.checkpoints import (
     set_rng_state,
 )
 from rsseg.config import TrainConfig, split_list
-from rsseg.data.datasets import PreparedData, RandomWindowDataset, TileDataset
+from rsseg.data.datasets import MixedDataset, PreparedData, RandomWindowDataset, TileDataset
 from rsseg.data.transforms import augmentation_to_dict, build_augmentation
 from rsseg.errors import ConfigError
 from rsseg.evaluation import Evaluator
@@ -74,10 +74,11 @@ class TrainResult:
 
 
 def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback | None = None,
-          start: tuple[torch.nn.Module, ModelSpec] | None = None) -> TrainResult:
+          start: tuple[torch.nn.Module, ModelSpec] | None = None, extra: Sequence[PreparedData] = ()) -> TrainResult:
     """Train per `config` on a prepared dataset; returns the best validated weights and their figures
     (the weight average's when `ema_decay` is set). `start`: a trained model and its spec to fine-tune
-    (`init_from`) instead of a new model."""
+    (`init_from`) instead of a new model. `extra`: more datasets (e.g. pseudo labels) whose scenes all join
+    the training set, mixed by `config.mix`; validation stays on `data`'s split."""
     distributed = _init_distributed()
     rank = dist.get_rank() if distributed else 0
     device = _device(config.device, distributed)
@@ -94,6 +95,8 @@ def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback |
                                                      augmentation, seed=config.seed)
     else:
         train_set = TileDataset(training_data, train_tiles, augmentation)
+    if extra:
+        train_set = _mixed(train_set, extra, dataset_spec, config, augmentation, tile_size)
     val_set: Any = TileDataset(training_data, val_tiles, None)
     if config.max_val_tiles and len(val_set) > config.max_val_tiles:
         val_set = Subset(val_set, _spread(len(val_set), config.max_val_tiles))
@@ -154,7 +157,7 @@ def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback |
     stopped_by_budget = False
     for epoch in range(start_epoch, config.epochs + 1):
         sampler = _train_sampler(train_set, config, epoch, distributed)
-        if isinstance(train_set, RandomWindowDataset):
+        if isinstance(train_set, (RandomWindowDataset, MixedDataset)):
             train_set.set_epoch(epoch)
         # Albumentations keeps its own RNG: seed it per epoch (and rank) so runs and resumed runs repeat.
         # With worker processes each worker holds a copy; albumentations offsets them by worker id.
@@ -214,6 +217,35 @@ def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback |
         overlays=best.get("overlays", []), augmentation=augmentation_to_dict(augmentation), history=history,
         stopped_by_budget=stopped_by_budget, snapshots=snapshots,
     )
+
+
+def _mixed(primary: TileDataset, extra: Sequence[PreparedData], spec: DatasetSpec, config: TrainConfig,
+           augmentation: Any, tile_size: int) -> MixedDataset:
+    """The primary training set plus every scene of each extra dataset (normalised like the primary), with
+    `config.mix` shares of samples per epoch (default: as many as each holds)."""
+    parts: list[TileDataset] = [primary]
+    for other in extra:
+        theirs = other.spec
+        for what in ("task", "classes", "bands", "dtype", "semantic_classes", "ignore_index"):
+            if getattr(theirs, what) != getattr(spec, what):
+                raise ConfigError(f"data {other.root}: its {what} {getattr(theirs, what)} differ from the first "
+                                  f"dataset's {getattr(spec, what)}; mix datasets of the same classes and bands")
+        if other.tile_size != tile_size:
+            raise ConfigError(f"data {other.root}: tile size {other.tile_size}, the first dataset's is {tile_size}; "
+                              f"prepare it with --tile-size {tile_size}")
+        same = replace(other, spec=replace(spec, name=theirs.name))
+        if config.sampling == "random":
+            parts.append(RandomWindowDataset(same, other.tiles, config.crop_size or tile_size, augmentation,
+                                             seed=config.seed + len(parts)))
+        else:
+            parts.append(TileDataset(same, other.tiles, augmentation))
+    shares = split_list(config.mix.replace(":", ","), float) if config.mix else [float(len(p)) for p in parts]
+    if len(shares) != len(parts) or min(shares) <= 0:
+        raise ConfigError(f"mix {config.mix!r}: give one share > 0 per dataset ({len(parts)}), e.g. "
+                          f"{':'.join(['1'] * len(parts))}")
+    counts = [max(1, round(len(primary) * share / shares[0])) for share in shares]
+    log.info("training on %d datasets, %s samples per epoch", len(parts), counts)
+    return MixedDataset(parts, counts)
 
 
 def _validated_snapshots(model, run: _Progress, val_set, loss_fn, spec: ModelSpec, device, config: TrainConfig,

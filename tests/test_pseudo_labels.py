@@ -49,6 +49,27 @@ def test_confident_teacher_keeps_exactly_the_pixels_at_or_above_the_threshold():
     np.testing.assert_array_equal(teacher.kept, np.bincount(probabilities.argmax(axis=1)[sure], minlength=3))
 
 
+def test_mixed_dataset_takes_its_share_of_each_part():
+    from rsseg.data.datasets import MixedDataset
+
+    mixed = MixedDataset([list(range(10)), list("abc")], [10, 7])
+    assert len(mixed) == 17
+    assert [mixed[i] for i in range(10)] == list(range(10))
+    assert [mixed[i] for i in range(10, 17)] == list("abcabca")  # the small part repeats
+    with pytest.raises(ConfigError, match="one share > 0 each"):
+        MixedDataset([[1]], [0])
+
+
+@pytest.mark.slow
+def test_mixing_refuses_datasets_of_other_classes(seaice_prepared, change_prepared, tmp_path):
+    with pytest.raises(ConfigError, match="differ from the first dataset's"):
+        train(tiny_config(seaice_prepared, tmp_path, epochs=1), PreparedData.load(seaice_prepared),
+              extra=[PreparedData.load(change_prepared)])
+    with pytest.raises(ConfigError, match="one share > 0 per dataset"):
+        train(tiny_config(seaice_prepared, tmp_path, epochs=1, mix="1:0"), PreparedData.load(seaice_prepared),
+              extra=[PreparedData.load(seaice_prepared)])
+
+
 def test_unlabelled_images_are_found_or_named(tmp_path):
     (tmp_path / "images").mkdir()
     (tmp_path / "images" / "b.tif").write_bytes(b"x")
@@ -95,6 +116,10 @@ def test_pseudo_label_writes_a_prepared_dataset_that_trains(seaice_prepared, mlf
 
     result = train(tiny_config(out, tmp_path / "s", epochs=1), data)  # a prepared dataset like any other
     assert result.spec.dataset.name == "pseudo"
+    # labelled + pseudo-labelled, mixed 1:2, validated on the labelled data's split
+    mixed = train_and_register(tiny_config(f"{seaice_prepared},{out}", tmp_path / "m", epochs=1, mix="1:2",
+                                           model_name="student"))
+    assert mixed["model_version"] == "1"
 
     with pytest.raises(ConfigError, match="is not empty"):
         pseudo_label(PseudoLabelConfig(teacher="models:/teacher/1", source=str(source), out=str(out)))

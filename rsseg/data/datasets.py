@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -183,3 +183,31 @@ class RandomWindowDataset(TileDataset):
 
     def __getitem__(self, index: int) -> dict:
         return self.sample(*self.window(index))
+
+
+class MixedDataset(Dataset):
+    """Several training sets as one, each contributing `count` samples per epoch (index i of a part is taken
+    modulo its length, so a small part repeats and a large one is sampled by the run's shuffled order)."""
+
+    def __init__(self, parts: Sequence[Dataset], counts: Sequence[int]) -> None:
+        if len(parts) != len(counts) or not parts or min(counts) < 1:
+            raise ConfigError(f"mix: {len(parts)} dataset(s) but sample counts {list(counts)}; give one share > 0 each")
+        self.parts, self.counts = list(parts), [int(c) for c in counts]
+        self._starts = np.cumsum([0, *self.counts])
+
+    def set_epoch(self, epoch: int) -> None:
+        for part in self.parts:
+            if hasattr(part, "set_epoch"):
+                part.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return int(self._starts[-1])
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(part, index within it) of a sample."""
+        part = int(np.searchsorted(self._starts, index, side="right") - 1)
+        return part, (index - int(self._starts[part])) % len(self.parts[part])
+
+    def __getitem__(self, index: int) -> dict:
+        part, inner = self.locate(index)
+        return self.parts[part][inner]
