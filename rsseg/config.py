@@ -68,6 +68,10 @@ class TrainConfig:
     warmup: float = _opt(0.03, "share of training spent warming the learning rate up (cosine)")
     restart_epochs: int = _opt(10, "CosineAnnealingWarmRestarts T_0 in epochs")
     restart_mult: int = _opt(1, "CosineAnnealingWarmRestarts T_mult")
+    teacher: str = _opt("", "distil from this teacher (models:/NAME/VERSION, @ALIAS, runs:/RUN_ID, or several joined by "
+                        "commas: their logit average): the student also learns its soft logits")
+    alpha: float = _opt(0.5, "with teacher: loss = (1 - alpha) x the labels' loss + alpha x the soft-target loss")
+    temperature: float = _opt(2.0, "with teacher: softmax temperature of the soft targets")
     snapshots: bool = _opt(False, "snapshot ensemble (Huang et al. 2017, the land-cover seed's 'different local "
                            "optima'): the cosine schedule restarts `cycles` times over the run and the weights at the "
                            "end of each cycle are validated, logged and (with register) registered as versions")
@@ -114,6 +118,9 @@ class TrainConfig:
         if self.snapshots and self.scheduler != "cosine":
             raise ConfigError(f"snapshots=true restarts the cosine schedule itself; use scheduler=cosine, not "
                               f"{self.scheduler}")
+        if not 0.0 <= self.alpha <= 1.0 or self.temperature <= 0:
+            raise ConfigError(f"distillation needs 0 <= alpha <= 1 and temperature > 0, got alpha={self.alpha}, "
+                              f"temperature={self.temperature}")
         if self.snapshots and self.cycles < 2:
             raise ConfigError(f"snapshots=true needs cycles >= 2 (one snapshot per cycle), got {self.cycles}")
 

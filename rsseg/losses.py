@@ -375,3 +375,17 @@ def _check_shapes(logits: Tensor, target: Tensor) -> None:
         )
     if target.dtype != torch.int64:
         raise ValueError(f"target must be int64 class indices, got {target.dtype}")
+
+
+def distillation_loss(student: Tensor, teacher: Tensor, groups: Sequence[OutputGroup], temperature: float) -> Tensor:
+    """Hinton et al.'s soft-target loss: per output group, KL(softmax(teacher / T) || softmax(student / T)) over
+    every pixel (the teacher's view of unlabelled and ignored pixels is the point), times T² so its gradients
+    keep their scale as T changes; groups averaged."""
+    terms = []
+    for s, t in zip(torch.split(student.float(), [g.channels for g in groups], dim=1),
+                    torch.split(teacher.float(), [g.channels for g in groups], dim=1), strict=True):
+        log_p = F.log_softmax(s / temperature, dim=1)
+        q = F.softmax(t / temperature, dim=1)
+        kl = (q * (torch.log(q.clamp_min(1e-12)) - log_p)).sum(dim=1).mean()
+        terms.append(kl * temperature * temperature)
+    return torch.stack(terms).mean()

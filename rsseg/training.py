@@ -37,7 +37,7 @@ from rsseg.data.datasets import MixedDataset, PreparedData, RandomWindowDataset,
 from rsseg.data.transforms import augmentation_to_dict, build_augmentation
 from rsseg.errors import ConfigError
 from rsseg.evaluation import Evaluator
-from rsseg.losses import build_loss, deep_supervision_loss
+from rsseg.losses import build_loss, deep_supervision_loss, distillation_loss
 from rsseg.model_setup import build_model, check_trainable_export, dataset_spec_for_training
 from rsseg.optim import (
     WeightAverage,
@@ -74,11 +74,13 @@ class TrainResult:
 
 
 def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback | None = None,
-          start: tuple[torch.nn.Module, ModelSpec] | None = None, extra: Sequence[PreparedData] = ()) -> TrainResult:
+          start: tuple[torch.nn.Module, ModelSpec] | None = None, extra: Sequence[PreparedData] = (),
+          teacher: tuple[torch.nn.Module, ModelSpec] | None = None) -> TrainResult:
     """Train per `config` on a prepared dataset; returns the best validated weights and their figures
     (the weight average's when `ema_decay` is set). `start`: a trained model and its spec to fine-tune
     (`init_from`) instead of a new model. `extra`: more datasets (e.g. pseudo labels) whose scenes all join
-    the training set, mixed by `config.mix`; validation stays on `data`'s split."""
+    the training set, mixed by `config.mix`; validation stays on `data`'s split. `teacher`: a model (and
+    its spec) to distil from (`config.alpha`, `config.temperature`), run on the student's inputs."""
     distributed = _init_distributed()
     rank = dist.get_rank() if distributed else 0
     device = _device(config.device, distributed)
@@ -104,6 +106,7 @@ def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback |
     model, spec = build_model(config, dataset_spec, tile_size=tile_size, start=start)
     if config.check_export and rank == 0 and start is None:
         check_trainable_export(model, spec)
+    teacher_model = _checked_teacher(teacher, spec, device) if teacher is not None else None
     model.emit_aux = True  # auxiliary heads (deep supervision) add their losses during training only
     model.to(device)
     if config.channels_last:
@@ -165,7 +168,8 @@ def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback |
         loader = DataLoader(train_set, batch_size=config.batch_size, sampler=sampler, num_workers=config.workers,
                             drop_last=len(sampler) > config.batch_size, persistent_workers=False)
         train_loss, tiles_per_s, stopped_by_budget = _train_one_epoch(
-            train_model, loader, loss_fn, optimizer, scheduler, device, config, epoch, rank, run, precision, average
+            train_model, loader, loss_fn, optimizer, scheduler, device, config, epoch, rank, run, precision, average,
+            teacher_model,
         )
         if distributed:
             dist.barrier()
@@ -217,6 +221,25 @@ def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback |
         overlays=best.get("overlays", []), augmentation=augmentation_to_dict(augmentation), history=history,
         stopped_by_budget=stopped_by_budget, snapshots=snapshots,
     )
+
+
+def _checked_teacher(teacher: tuple[torch.nn.Module, ModelSpec], spec: ModelSpec, device) -> torch.nn.Module:
+    """The teacher, in eval mode on the student's device, if it reads the same pixels the same way and gives
+    the same heads."""
+    model, theirs = teacher
+    mine = spec.dataset
+    for what, a, b in (("input channels", theirs.in_channels, spec.in_channels),
+                       ("heads", [(g.name, g.channels) for g in theirs.outputs],
+                        [(g.name, g.channels) for g in spec.outputs]),
+                       ("classes", theirs.dataset.classes, mine.classes), ("bands", theirs.dataset.bands, mine.bands),
+                       ("normalisation mean", theirs.dataset.mean, mine.mean),
+                       ("normalisation std", theirs.dataset.std, mine.std)):
+        if a != b:
+            raise ConfigError(f"teacher: its {what} {a} differ from the student's {b}; distil from a teacher trained "
+                              "on the same classes, bands and normalisation")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval().to(device)
 
 
 def _mixed(primary: TileDataset, extra: Sequence[PreparedData], spec: DatasetSpec, config: TrainConfig,
@@ -318,7 +341,7 @@ class _Progress:
 
 
 def _train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, config, epoch, rank, run: _Progress,
-                     precision: str, average: WeightAverage | None):
+                     precision: str, average: WeightAverage | None, teacher: torch.nn.Module | None = None):
     model.train()
     base = model.module if hasattr(model, "module") else model
     aux_weights = base.aux_weights if base.emit_aux else []
@@ -340,7 +363,12 @@ def _train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, confi
         targets = {k: v.to(device, non_blocking=True) for k, v in batch["targets"].items()}
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
             output = model(images)
-        loss, _logits, _parts = deep_supervision_loss(loss_fn, output, targets, aux_weights)
+        loss, logits, _parts = deep_supervision_loss(loss_fn, output, targets, aux_weights)
+        if teacher is not None:
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                soft = teacher(images)
+            soft_loss = distillation_loss(logits, soft, base.outputs, config.temperature)
+            loss = (1.0 - config.alpha) * loss + config.alpha * soft_loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
