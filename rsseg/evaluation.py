@@ -149,7 +149,7 @@ class OnnxModel:
         self.tta = tta
         self.sessions = [onnx_session(p) for p in paths]
         self.session = self.sessions[0]
-        self._runners = [_runner(s) for s in self.sessions]
+        self._runners = [averaging.session_runner(s) for s in self.sessions]
         self._groups = [(g.name, g.channels) for g in spec.outputs]
 
     def logits(self, tiles: np.ndarray) -> np.ndarray:
@@ -159,11 +159,6 @@ class OnnxModel:
     def class_maps(self, tiles: np.ndarray) -> np.ndarray:
         """[N, H, W, C] raw -> [N, G, H, W] uint8."""
         return heads.class_maps(self.logits(tiles), self._groups)
-
-
-def _runner(session: Any) -> Callable[[np.ndarray], np.ndarray]:
-    name = session.get_inputs()[0].name
-    return lambda batch: session.run(None, {name: batch})[0]
 
 
 def served_predictor(model: OnnxModel, data: PreparedData, *, batch: int = 4, margin: int | None = None,

@@ -16,7 +16,14 @@ from rsseg.data.datasets import PreparedData
 from rsseg.errors import ConfigError, ExportError, first_line
 from rsseg.models import create_model, default_encoder
 from rsseg.models.encoders import resolve_encoder_weights
-from rsseg.spec import DatasetSpec, ModelSpec, OutputGroup, accepted_tile_sizes, output_groups_for
+from rsseg.spec import (
+    DatasetSpec,
+    ModelSpec,
+    OutputGroup,
+    accepted_tile_sizes,
+    interchange_mismatch,
+    output_groups_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -94,3 +101,16 @@ def dataset_spec_for_training(data: PreparedData, normalization: str) -> Dataset
     picked = [position[b] for b in data.spec.bands]
     return replace(data.spec, mean=[float(bands["mean"][i]) for i in picked],
                    std=[max(float(bands["std"][i]), 1e-6) for i in picked])
+
+
+def checked_teacher(teacher: tuple[torch.nn.Module, ModelSpec], spec: ModelSpec) -> torch.nn.Module:
+    """The teacher to distil from, frozen and in eval mode, if it reads the same pixels the same way and gives
+    the same heads as the student (rsseg.spec.interchange_mismatch)."""
+    model, theirs = teacher
+    mismatch = interchange_mismatch(theirs, spec)
+    if mismatch:
+        raise ConfigError(f"teacher and student differ in {mismatch}; distil from a teacher trained on the same "
+                          "classes, bands and normalisation, with the same heads")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model.eval()

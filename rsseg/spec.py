@@ -205,6 +205,15 @@ _MEMBER_AGREEMENT = (
 )
 
 
+def interchange_mismatch(a: ModelSpec, b: ModelSpec) -> str | None:
+    """The first way two models differ in what goes in or comes out (e.g. "normalisation mean ([..] vs [..])"),
+    or None when their logits can be averaged or one can teach the other."""
+    for what, value in _MEMBER_AGREEMENT:
+        if value(a) != value(b):
+            return f"{what} ({value(a)} vs {value(b)})"
+    return None
+
+
 def member_label(spec: ModelSpec) -> str:
     """How an ensemble member is named in messages: NAME vVERSION, else its run, else its architecture."""
     if spec.model_name and spec.model_version:
@@ -225,12 +234,10 @@ def ensemble_spec(specs: list[ModelSpec]) -> ModelSpec:
         return specs[0]
     first = specs[0]
     for other in specs[1:]:
-        for what, value in _MEMBER_AGREEMENT:
-            if value(other) != value(first):
-                raise ConfigError(
-                    f"ensemble: {member_label(first)} and {member_label(other)} differ in {what} ({value(first)} vs "
-                    f"{value(other)}); members must share bands, classes, heads and normalisation"
-                )
+        mismatch = interchange_mismatch(first, other)
+        if mismatch:
+            raise ConfigError(f"ensemble: {member_label(first)} and {member_label(other)} differ in {mismatch}; "
+                              "members must share bands, classes, heads and normalisation")
     stride = math.lcm(*(s.stride for s in specs))
     sizes = sorted(set.intersection(*(set(s.tile_sizes) for s in specs)))
     sizes = [t for t in sizes if t % stride == 0]

@@ -263,9 +263,7 @@ def _load_run(uri: str, what: str) -> tuple[torch.nn.Module, ModelSpec]:
     run_id = uri.removeprefix("runs:/").strip("/").split("/")[0]
     try:
         model = mlflow.pytorch.load_model(f"runs:/{run_id}/model", map_location="cpu").eval()
-        with tempfile.TemporaryDirectory() as tmp:
-            spec = ModelSpec.load(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=SPEC_FILE,
-                                                                      dst_path=tmp))
+        spec = _run_spec(run_id)
     except (mlflow.exceptions.MlflowException, OSError) as exc:
         raise ConfigError(f"{what} {uri}: no trained model in that run in {mlflow.get_tracking_uri()} "
                           f"({first_line(exc)}); give runs:/RUN_ID of a train run") from None
@@ -299,11 +297,15 @@ def load_registered(name: str, version: str) -> tuple[torch.nn.Module, ModelSpec
         spec.model_name, spec.model_version, spec.run_id = name, str(version), registered.run_id
         return LogitAverage([m for m, _ in loaded], [s for _, s in loaded]).eval(), spec
     model = mlflow.pytorch.load_model(f"models:/{name}/{version}", map_location="cpu").eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        path = mlflow.artifacts.download_artifacts(run_id=registered.run_id, artifact_path=SPEC_FILE, dst_path=tmp)
-        spec = ModelSpec.load(path)
+    spec = _run_spec(registered.run_id)
     spec.model_name, spec.model_version, spec.run_id = name, str(version), registered.run_id
     return model, spec
+
+
+def _run_spec(run_id: str) -> ModelSpec:
+    """The model spec a training run logged beside its model."""
+    with tempfile.TemporaryDirectory() as tmp:
+        return ModelSpec.load(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=SPEC_FILE, dst_path=tmp))
 
 
 def split_members(text: str) -> list[str]:

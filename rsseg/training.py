@@ -33,12 +33,12 @@ from rsseg.checkpoints import (
     set_rng_state,
 )
 from rsseg.config import TrainConfig, split_list
-from rsseg.data.datasets import MixedDataset, PreparedData, RandomWindowDataset, TileDataset
+from rsseg.data.datasets import MixedDataset, PreparedData, RandomWindowDataset, TileDataset, mixed_training_set
 from rsseg.data.transforms import augmentation_to_dict, build_augmentation
 from rsseg.errors import ConfigError
 from rsseg.evaluation import Evaluator
 from rsseg.losses import build_loss, deep_supervision_loss, distillation_loss
-from rsseg.model_setup import build_model, check_trainable_export, dataset_spec_for_training
+from rsseg.model_setup import build_model, check_trainable_export, checked_teacher, dataset_spec_for_training
 from rsseg.optim import (
     WeightAverage,
     build_optimizer,
@@ -98,7 +98,7 @@ def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback |
     else:
         train_set = TileDataset(training_data, train_tiles, augmentation)
     if extra:
-        train_set = _mixed(train_set, extra, dataset_spec, config, augmentation, tile_size)
+        train_set = mixed_training_set(train_set, extra, dataset_spec, config, augmentation, tile_size)
     val_set: Any = TileDataset(training_data, val_tiles, None)
     if config.max_val_tiles and len(val_set) > config.max_val_tiles:
         val_set = Subset(val_set, _spread(len(val_set), config.max_val_tiles))
@@ -106,7 +106,7 @@ def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback |
     model, spec = build_model(config, dataset_spec, tile_size=tile_size, start=start)
     if config.check_export and rank == 0 and start is None:
         check_trainable_export(model, spec)
-    teacher_model = _checked_teacher(teacher, spec, device) if teacher is not None else None
+    teacher_model = checked_teacher(teacher, spec).to(device) if teacher is not None else None
     model.emit_aux = True  # auxiliary heads (deep supervision) add their losses during training only
     model.to(device)
     if config.channels_last:
@@ -221,54 +221,6 @@ def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback |
         overlays=best.get("overlays", []), augmentation=augmentation_to_dict(augmentation), history=history,
         stopped_by_budget=stopped_by_budget, snapshots=snapshots,
     )
-
-
-def _checked_teacher(teacher: tuple[torch.nn.Module, ModelSpec], spec: ModelSpec, device) -> torch.nn.Module:
-    """The teacher, in eval mode on the student's device, if it reads the same pixels the same way and gives
-    the same heads."""
-    model, theirs = teacher
-    mine = spec.dataset
-    for what, a, b in (("input channels", theirs.in_channels, spec.in_channels),
-                       ("heads", [(g.name, g.channels) for g in theirs.outputs],
-                        [(g.name, g.channels) for g in spec.outputs]),
-                       ("classes", theirs.dataset.classes, mine.classes), ("bands", theirs.dataset.bands, mine.bands),
-                       ("normalisation mean", theirs.dataset.mean, mine.mean),
-                       ("normalisation std", theirs.dataset.std, mine.std)):
-        if a != b:
-            raise ConfigError(f"teacher: its {what} {a} differ from the student's {b}; distil from a teacher trained "
-                              "on the same classes, bands and normalisation")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    return model.eval().to(device)
-
-
-def _mixed(primary: TileDataset, extra: Sequence[PreparedData], spec: DatasetSpec, config: TrainConfig,
-           augmentation: Any, tile_size: int) -> MixedDataset:
-    """The primary training set plus every scene of each extra dataset (normalised like the primary), with
-    `config.mix` shares of samples per epoch (default: as many as each holds)."""
-    parts: list[TileDataset] = [primary]
-    for other in extra:
-        theirs = other.spec
-        for what in ("task", "classes", "bands", "dtype", "semantic_classes", "ignore_index"):
-            if getattr(theirs, what) != getattr(spec, what):
-                raise ConfigError(f"data {other.root}: its {what} {getattr(theirs, what)} differ from the first "
-                                  f"dataset's {getattr(spec, what)}; mix datasets of the same classes and bands")
-        if other.tile_size != tile_size:
-            raise ConfigError(f"data {other.root}: tile size {other.tile_size}, the first dataset's is {tile_size}; "
-                              f"prepare it with --tile-size {tile_size}")
-        same = replace(other, spec=replace(spec, name=theirs.name))
-        if config.sampling == "random":
-            parts.append(RandomWindowDataset(same, other.tiles, config.crop_size or tile_size, augmentation,
-                                             seed=config.seed + len(parts)))
-        else:
-            parts.append(TileDataset(same, other.tiles, augmentation))
-    shares = split_list(config.mix.replace(":", ","), float) if config.mix else [float(len(p)) for p in parts]
-    if len(shares) != len(parts) or min(shares) <= 0:
-        raise ConfigError(f"mix {config.mix!r}: give one share > 0 per dataset ({len(parts)}), e.g. "
-                          f"{':'.join(['1'] * len(parts))}")
-    counts = [max(1, round(len(primary) * share / shares[0])) for share in shares]
-    log.info("training on %d datasets, %s samples per epoch", len(parts), counts)
-    return MixedDataset(parts, counts)
 
 
 def _validated_snapshots(model, run: _Progress, val_set, loss_fn, spec: ModelSpec, device, config: TrainConfig,

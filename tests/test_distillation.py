@@ -41,7 +41,7 @@ def test_alpha_zero_is_plain_training_and_alpha_moves_the_student(seaice_prepare
     assert all(not p.requires_grad for p in teacher.model.parameters())  # the teacher did not learn
 
     change = train(tiny_config(change_prepared, tmp_path / "c", epochs=1), PreparedData.load(change_prepared))
-    with pytest.raises(ConfigError, match="teacher: its input channels"):
+    with pytest.raises(ConfigError, match="teacher and student differ in task"):
         train(tiny_config(seaice_prepared, tmp_path / "x", epochs=1), data, teacher=(change.model, change.spec))
 
 

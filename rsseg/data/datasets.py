@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import albumentations as A
 import numpy as np
@@ -13,12 +15,15 @@ import pandas as pd
 import torch
 from torch.utils.data import Dataset
 
+from rsseg.config import TrainConfig, split_list
 from rsseg.data.masks import mask_targets, read_mask
 from rsseg.data.raster import raster_info, read_window
 from rsseg.data.tiling import Window
 from rsseg.data.transforms import normalize
 from rsseg.errors import ConfigError, DataError
 from rsseg.spec import DatasetSpec
+
+log = logging.getLogger(__name__)
 
 # Images up to this many pixels are decoded once per worker and kept: PNG/JPEG cannot be read by
 # window without decoding the whole file, and the seeds' datasets are many small images.
@@ -211,3 +216,32 @@ class MixedDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         part, inner = self.locate(index)
         return self.parts[part][inner]
+
+
+def mixed_training_set(primary: TileDataset, extra: Sequence[PreparedData], spec: DatasetSpec, config: TrainConfig,
+                       augmentation: Any, tile_size: int) -> MixedDataset:
+    """The primary training set plus every scene of each extra dataset (normalised like the primary), with
+    `config.mix` shares of samples per epoch (default: as many as each holds)."""
+    parts: list[TileDataset] = [primary]
+    for other in extra:
+        theirs = other.spec
+        for what in ("task", "classes", "bands", "dtype", "semantic_classes", "ignore_index"):
+            if getattr(theirs, what) != getattr(spec, what):
+                raise ConfigError(f"data {other.root}: its {what} {getattr(theirs, what)} differ from the first "
+                                  f"dataset's {getattr(spec, what)}; mix datasets of the same classes and bands")
+        if other.tile_size != tile_size:
+            raise ConfigError(f"data {other.root}: tile size {other.tile_size}, the first dataset's is {tile_size}; "
+                              f"prepare it with --tile-size {tile_size}")
+        same = replace(other, spec=replace(spec, name=theirs.name))
+        if config.sampling == "random":
+            parts.append(RandomWindowDataset(same, other.tiles, config.crop_size or tile_size, augmentation,
+                                             seed=config.seed + len(parts)))
+        else:
+            parts.append(TileDataset(same, other.tiles, augmentation))
+    shares = split_list(config.mix.replace(":", ","), float) if config.mix else [float(len(p)) for p in parts]
+    if len(shares) != len(parts) or min(shares) <= 0:
+        raise ConfigError(f"mix {config.mix!r}: give one share > 0 per dataset ({len(parts)}), e.g. "
+                          f"{':'.join(['1'] * len(parts))}")
+    counts = [max(1, round(len(primary) * share / shares[0])) for share in shares]
+    log.info("training on %d datasets, %s samples per epoch", len(parts), counts)
+    return MixedDataset(parts, counts)

@@ -299,7 +299,7 @@ def check_parity(
     paths = [onnx_path] if isinstance(onnx_path, (str, Path)) else list(onnx_path)
     sessions = [onnx_session(p, providers) for p in paths]
     session = sessions[0]
-    runners = [lambda batch, s=s: s.run([OUTPUT_NAME], {INPUT_NAME: batch})[0] for s in sessions]
+    runners = [averaging.session_runner(s) for s in sessions]
     meta = session.get_modelmeta().custom_metadata_map
     traced = json.loads(meta[EXPORT_SHAPE_KEY]) if EXPORT_SHAPE_KEY in meta else None
     used = list(session.get_providers())

@@ -15,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # averaging.py, 
 
 import onnxruntime as ort  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
-from averaging import average_logits, tta_transforms  # noqa: E402
+from averaging import average_logits, session_runner, tta_transforms  # noqa: E402
 from contract import LOGITS, NORMALISED  # noqa: E402
 from triton_io import (  # noqa: E402
     error_response,
@@ -24,12 +24,6 @@ from triton_io import (  # noqa: E402
     parameter,
     quiet_dlpack_noise,
 )
-
-
-def session_runner(session):
-    """The session as a callable NCHW -> logits, for averaging.average_logits."""
-    name = session.get_inputs()[0].name
-    return lambda batch: session.run(None, {name: batch})[0]
 
 
 class TritonPythonModel:
