@@ -8,7 +8,15 @@ from __future__ import annotations
 import dataclasses
 import sys
 
-from rsseg.config import EvaluateConfig, MainConfig, PrepareConfig, PromoteConfig, PseudoLabelConfig, TrainConfig
+from rsseg.config import (
+    AuditConfig,
+    EvaluateConfig,
+    MainConfig,
+    PrepareConfig,
+    PromoteConfig,
+    PseudoLabelConfig,
+    TrainConfig,
+)
 
 ENTRY_POINTS = {
     "main": ("pipelines.main", MainConfig),
@@ -16,6 +24,7 @@ ENTRY_POINTS = {
     "train": ("pipelines.train", TrainConfig),
     "evaluate": ("pipelines.evaluate", EvaluateConfig),
     "pseudo_label": ("pipelines.pseudo_label", PseudoLabelConfig),
+    "audit": ("pipelines.audit", AuditConfig),
     "promote": ("pipelines.promote", PromoteConfig),
 }
 # Entry points whose flags are not dataclass-derived (free-form benchmark options).
@@ -38,6 +47,11 @@ EXTRA = """\
     parameters:
       budget: {type: float, default: 300}
     command: "python -m pipelines.bench_ensembles --budget {budget}"
+  bench_pseudo:
+    parameters:
+      budget: {type: float, default: 150}
+      teacher_budget: {type: float, default: 300}
+    command: "python -m pipelines.bench_pseudo --budget {budget} --teacher-budget {teacher_budget}"
   bench_serving:
     parameters:
       tile: {type: float, default: 512}

@@ -100,6 +100,8 @@ class TrainConfig:
     workers: int = _opt(0, "data-loading worker processes")
     max_train_tiles: int = _opt(0, "use at most this many training tiles per epoch (0: all)")
     max_val_tiles: int = _opt(0, "validate on at most this many tiles (0: all)")
+    exclude: str = _opt("", "exclusion list (an audit's exclude.csv: scene,row,col,size): those tiles of the first "
+                        "dataset are not trained on (random windows centred in them are drawn again)")
     time_budget: float = _opt(0.0, "stop training after this many seconds, then validate and register (0: none)")
     validations: int = _opt(4, "under a time budget: validations spread over it (the last at its end); without a "
                             "budget every epoch is validated")
@@ -224,6 +226,21 @@ class PseudoLabelConfig:
     batch: int = _opt(4, "windows per teacher call")
     tile_size: int = _opt(0, "tile size of the prepared dataset (0: the teacher's training tile size)")
     overlap: int = _opt(-1, "overlap between neighbouring tiles in pixels (-1: as the teacher's training data)")
+
+
+@dataclass
+class AuditConfig:
+    model: str = _opt("", "the model that audits: models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID, or several "
+                      "joined by commas (their logits averaged)")
+    data: str = _opt("", "prepared dataset whose labels are audited; empty: the data the (first) model was trained on")
+    split: str = _opt("train", "scenes to audit", ("train", "val", "all"))
+    out: str = _opt("", "folder for tiles.csv, scenes.csv, exclude.csv and the figure; empty: audits/<dataset name>")
+    exclude_share: float = _opt(0.05, "exclusion list: this share of the tiles, the worst-scoring first")
+    exclude_below: float = _opt(-1.0, "exclusion list: every tile scoring below this instead (-1: use exclude_share)")
+    figure_tiles: int = _opt(12, "worst tiles drawn in worst_tiles.png (image, label, prediction)")
+    tta: str = _opt("none", "test-time augmentation (none, flips, d4)", ("none", "flips", "d4"))
+    batch: int = _opt(4, "windows per model call")
+    overwrite: bool = _opt(False, "replace an earlier audit at out")
 
 
 @dataclass

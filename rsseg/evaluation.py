@@ -94,19 +94,22 @@ class LabelledScene:
     width: int
     image_b: str = ""
     mask_b: str = ""
+    mask_change: str = ""
 
 
 def labelled_scenes(data: PreparedData, split: str = "val") -> list[LabelledScene]:
     """The scenes of `split` ("train" or "val") of a prepared dataset."""
     rows = data.scenes[data.scenes["split"] == split]
     return [LabelledScene(str(r["scene"]), r["image"], r["mask"], int(r["height"]), int(r["width"]),
-                          r.get("image_b", "") or "", r.get("mask_b", "") or "") for _, r in rows.iterrows()]
+                          r.get("image_b", "") or "", r.get("mask_b", "") or "", r.get("mask_change", "") or "")
+            for _, r in rows.iterrows()]
 
 
 def scene_targets(scene: LabelledScene, data: PreparedData) -> dict[str, np.ndarray]:
     """The scene's full-size targets per output group (class indices, ignore index where unlabelled)."""
     raw_b = read_mask(scene.mask_b, data.spec) if scene.mask_b else None
-    return mask_targets(read_mask(scene.mask, data.spec), raw_b, data.spec)
+    raw_change = read_window(scene.mask_change, None, [1]) if scene.mask_change else None
+    return mask_targets(read_mask(scene.mask, data.spec), raw_b, data.spec, raw_change)
 
 
 def scene_image(scene: LabelledScene, data: PreparedData) -> np.ndarray:

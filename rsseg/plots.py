@@ -47,10 +47,12 @@ def colorize(class_map: np.ndarray, colors: list[list[int]], ignore_color: tuple
     return lut[np.clip(class_map, 0, 255).astype(np.uint8)]
 
 
-def overlays_figure(overlays: list[Overlay], colors: list[list[int]]) -> plt.Figure:
-    """One row per tile: image, reference, prediction."""
+def overlays_figure(overlays: list[Overlay], colors: list[list[int]], titles: list[str] | None = None) -> plt.Figure:
+    """One row per tile: image, reference, prediction; `titles` name the rows."""
     fig, axes = plt.subplots(len(overlays), 3, figsize=(9, 3 * len(overlays)), squeeze=False)
-    for row, overlay in zip(axes, overlays, strict=True):
+    for i, (row, overlay) in enumerate(zip(axes, overlays, strict=True)):
+        if titles:
+            row[0].text(0, -0.12, titles[i], transform=row[0].transAxes, fontsize=8, va="top")
         for ax, picture, title in zip(
             row,
             (overlay.image, colorize(overlay.target, colors), colorize(overlay.prediction, colors)),

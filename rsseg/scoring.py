@@ -86,7 +86,7 @@ def onnx_ensemble(members: list[tuple[Any, ModelSpec]], folder: Path, tta: str =
 
 def _evaluate(config: EvaluateConfig, model: Any, specs: list[ModelSpec], where: str) -> dict[str, Any]:
     spec: ModelSpec = model.spec
-    root = Path(_data_root(config, specs))
+    root = Path(data_root(config.data, specs))
     with tempfile.TemporaryDirectory(prefix="rsseg-evaluate-data-") as tmp:
         if root.is_dir() and not (root / "dataset_spec.json").is_file():
             return _evaluate_prepared(config, model, specs, where, _prepare_folder(root, spec, Path(tmp)), "all")
@@ -112,7 +112,7 @@ def _prepare_folder(folder: Path, spec: ModelSpec, out: Path) -> PreparedData:
 def _evaluate_prepared(config: EvaluateConfig, model: Any, specs: list[ModelSpec], where: str, data: PreparedData,
                        split: str) -> dict[str, Any]:
     spec: ModelSpec = model.spec
-    _check_data(data, spec)
+    check_data(data, spec)
     scenes = [s for name in SPLITS[split] for s in labelled_scenes(data, name)]
     if not scenes:
         raise ConfigError(f"{data.root}: no scenes in split {split!r}; choose split=train, val or all")
@@ -154,24 +154,25 @@ def _parts(model: Any, spec: ModelSpec) -> list[tuple[Any, ModelSpec]]:
     return [(model, spec)]
 
 
-def _data_root(config: EvaluateConfig, specs: list[ModelSpec]) -> str:
-    if config.data:
-        return config.data
+def data_root(given: str, specs: list[ModelSpec]) -> str:
+    """`given`, or the prepared dataset the (first) model was trained on (its run's `data` param)."""
+    if given:
+        return given
     trained_on = next((tracking.run_param(s.run_id, "data") for s in specs if s.run_id), None)
     trained_on = trained_on.split(",")[0].strip() if trained_on else None  # several: the first is validated on
     if not trained_on:
-        raise ConfigError("evaluate: no data given and the model's run does not record what it was trained on; "
+        raise ConfigError("no data given and the model's run does not record what it was trained on; "
                           "give data=PATH of a prepared dataset")
     if not Path(trained_on).is_dir():
-        raise ConfigError(f"evaluate: the model was trained on {trained_on}, which is not here; give data=PATH of a "
+        raise ConfigError(f"the model was trained on {trained_on}, which is not here; give data=PATH of a "
                           "prepared dataset")
     return trained_on
 
 
-def _check_data(data: PreparedData, spec: ModelSpec) -> None:
+def check_data(data: PreparedData, spec: ModelSpec) -> None:
     mine, theirs = spec.dataset, data.spec
     if (mine.task, mine.classes, mine.bands, mine.dtype) != (theirs.task, theirs.classes, theirs.bands, theirs.dtype):
-        raise ConfigError(f"evaluate: {data.root} is {theirs.task} data with classes {theirs.classes}, bands "
+        raise ConfigError(f"{data.root} is {theirs.task} data with classes {theirs.classes}, bands "
                           f"{theirs.bands} ({theirs.dtype}), but the model takes {mine.task} {mine.classes}, bands "
                           f"{mine.bands} ({mine.dtype}); give data= of the kind it was trained on")
 

@@ -398,6 +398,24 @@ def log_pseudo_labels(summary: dict[str, Any]) -> str:
     return run_id
 
 
+def log_audit(summary: dict[str, Any], folder: Path) -> str:
+    """An audit is a run of its own in `rsseg-evaluations` (tag kind=audit): what was audited, how many tiles
+    were excluded, and the audit's files (tables, figure, exclusion list) as artifacts."""
+    client = MlflowClient()
+    run_id = _side_run(EVALUATION_EXPERIMENT, f"audit-{summary['model']}", {"kind": "audit"})
+    for key in ("model", "data", "split", "exclude_share", "exclude_below", "out"):
+        client.log_param(run_id, key, _param(summary[key]))
+    for key in ("tiles", "scored_tiles", "excluded_tiles", "median_tile"):
+        if _finite(summary[key]):
+            client.log_metric(run_id, key, float(summary[key]))
+    for path in sorted(folder.iterdir()):
+        if path.is_file() and not path.name.startswith("."):
+            client.log_artifact(run_id, str(path))
+    client.log_dict(run_id, summary, "audit.json")
+    client.set_terminated(run_id)
+    return run_id
+
+
 def tag_evaluation(name: str, version: str, metrics: dict[str, float], tags: dict[str, str]) -> None:
     """`eval_<metric>` tags (and `tags`) on a registered version: promotion can rank on served-path metrics."""
     client = MlflowClient()

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Subset
@@ -34,6 +35,8 @@ from rsseg.checkpoints import (
 )
 from rsseg.config import TrainConfig, split_list
 from rsseg.data.datasets import MixedDataset, PreparedData, RandomWindowDataset, TileDataset, mixed_training_set
+from rsseg.data.exclusions import KEY as EXCLUSION_KEY
+from rsseg.data.exclusions import ExcludedAreas, drop_excluded, read_exclusions
 from rsseg.data.transforms import augmentation_to_dict, build_augmentation
 from rsseg.errors import ConfigError
 from rsseg.evaluation import Evaluator
@@ -90,11 +93,14 @@ def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback |
     dataset_spec = dataset_spec_for_training(data, config.normalization)
     augmentation = build_augmentation(config.augment, dataset_spec)
     train_tiles, val_tiles = data.split_tiles(config.fold)
+    excluded = _exclusions(config, data, train_tiles)
+    train_tiles = drop_excluded(train_tiles, excluded)
     tile_size = data.tile_size
     training_data = replace(data, spec=dataset_spec)
     if config.sampling == "random":
         train_set: TileDataset = RandomWindowDataset(training_data, train_tiles, config.crop_size or tile_size,
-                                                     augmentation, seed=config.seed)
+                                                     augmentation, seed=config.seed,
+                                                     excluded=ExcludedAreas(excluded))
     else:
         train_set = TileDataset(training_data, train_tiles, augmentation)
     if extra:
@@ -395,6 +401,20 @@ def _train_sampler(train_set, config: TrainConfig, epoch: int, distributed: bool
 def _spread(n: int, k: int) -> list[int]:
     """k indexes spread evenly over range(n), so a capped validation still sees every scene."""
     return sorted({int(i) for i in np.linspace(0, n - 1, k)})
+
+
+def _exclusions(config: TrainConfig, data: PreparedData, train_tiles: pd.DataFrame) -> pd.DataFrame:
+    """The training tiles `config.exclude` lists (an audit's exclude.csv); validation tiles listed stay."""
+    if not config.exclude:
+        return pd.DataFrame(columns=EXCLUSION_KEY)
+    listed = read_exclusions(config.exclude, data.tiles)
+    excluded = listed.merge(train_tiles[EXCLUSION_KEY], on=EXCLUSION_KEY)
+    if len(excluded) == len(train_tiles):
+        raise ConfigError(f"exclude {config.exclude}: it lists every training tile of {data.root}; nothing is left "
+                          "to train on")
+    log.info("leaving out %d of %d training tiles listed in %s (%d listed tiles are not training tiles)",
+             len(excluded), len(train_tiles), config.exclude, len(listed) - len(excluded))
+    return excluded
 
 
 def _steps_per_epoch(samples: int, config: TrainConfig, distributed: bool) -> int:

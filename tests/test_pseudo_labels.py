@@ -126,3 +126,90 @@ def test_pseudo_label_writes_a_prepared_dataset_that_trains(seaice_prepared, mlf
     with pytest.raises(ConfigError, match="no such registered version"):
         pseudo_label(PseudoLabelConfig(teacher="models:/nobody/1", source=str(source), out=str(tmp_path / "x")))
     assert not (tmp_path / "x").exists() and not Path(str(tmp_path / "x") + "-labels").exists()
+
+
+def _write(path: Path, band: np.ndarray) -> Path:
+    from rasterio.transform import from_origin
+
+    bands = band if band.ndim == 3 else band[None]
+    with rasterio.open(path, "w", driver="GTiff", height=bands.shape[1], width=bands.shape[2], count=len(bands),
+                       dtype="uint8", crs="EPSG:32633", transform=from_origin(0, 0, 1, 1)) as dst:
+        dst.write(bands.astype(np.uint8))
+    return path
+
+
+def test_the_unchanged_area_rule_never_touches_labelled_pixels(change_prepared, tmp_path):
+    from types import SimpleNamespace
+
+    from rsseg.data.layouts import Scene
+    from rsseg.pseudo_labels import UnchangedAreaTeacher
+    from rsseg.spec import output_groups_for
+
+    dataset = PreparedData.load(change_prepared).spec  # SECOND-style: semantic classes 0 (unchanged)..3
+    spec = ModelSpec(dataset=dataset, architecture="siamese_unet", encoder="e", in_channels=6,
+                     outputs=output_groups_for(dataset))
+    teacher = UnchangedAreaTeacher(SimpleNamespace(spec=spec), threshold=0.9)
+    rng = np.random.default_rng(0)
+    shape = (40, 30)
+    a = rng.choice([0, 0, 0, 1, 2, 3, IGNORED], size=shape).astype(np.uint8)
+    b = np.where(a == 0, rng.choice([0, 0, 0, 2], size=shape), rng.choice([1, 2, 3], size=shape)).astype(np.uint8)
+    b[a == IGNORED] = IGNORED
+    likeliest = rng.integers(1, 4, size=shape).astype(np.uint8)
+    sure = np.where(rng.random(shape) < 0.6, likeliest, IGNORED).astype(np.uint8)
+    scene = Scene("s", tmp_path / "im1.tif", _write(tmp_path / "a.tif", a), image_b=tmp_path / "im2.tif",
+                  mask_b=_write(tmp_path / "b.tif", b))
+    outputs = {name: tmp_path / f"{name}.tif" for name in ("label1", "label2", "change")}
+    teacher.fill(scene, _write(tmp_path / "classes.tif", np.stack([sure, likeliest])), outputs, block=16)
+    with rasterio.open(outputs["label1"]) as f1, rasterio.open(outputs["label2"]) as f2, \
+            rasterio.open(outputs["change"]) as fc:
+        a2, b2, change = f1.read(1), f2.read(1), fc.read(1)
+
+    unchanged = (a == 0) & (b == 0)
+    assert unchanged.any() and (~unchanged).any()
+    np.testing.assert_array_equal(a2[~unchanged], a[~unchanged])  # labelled (and ignored) pixels untouched
+    np.testing.assert_array_equal(b2[~unchanged], b[~unchanged])
+    filled = unchanged & (sure != IGNORED)
+    np.testing.assert_array_equal(a2[filled], sure[filled])  # the same class on both dates
+    np.testing.assert_array_equal(b2[filled], sure[filled])
+    assert (a2[unchanged & ~filled] == 0).all() and (b2[unchanged & ~filled] == 0).all()  # unsure: still unknown
+    np.testing.assert_array_equal(change, np.where(a == IGNORED, IGNORED, (a != 0).astype(np.uint8)))
+    assert teacher.kept.tolist() == np.bincount(sure[filled], minlength=4)[1:].tolist()
+    assert teacher.predicted.tolist() == np.bincount(likeliest[unchanged], minlength=4)[1:].tolist()
+
+
+def test_explicit_change_masks_keep_the_change_target_apart_from_filled_semantics(change_prepared):
+    from rsseg.data.masks import change_targets
+
+    dataset = PreparedData.load(change_prepared).spec
+    a = np.array([[0, 2, 3, IGNORED]], dtype=np.uint8)  # pixel 0 and 1 filled/unchanged, 2 changed
+    change = np.array([[0, 0, 1, IGNORED]], dtype=np.uint8)
+    targets = change_targets(a[..., None], a[..., None], dataset, change[..., None])
+    assert targets["change"].tolist() == [[0, 0, 1, IGNORED]]
+    assert targets["semantic_a"].tolist() == [[IGNORED, 2, 3, IGNORED]]  # filled unchanged pixels train too
+    assert change_targets(a[..., None], a[..., None], dataset)["change"].tolist() == [[0, 1, 1, IGNORED]]
+
+
+@pytest.mark.slow
+def test_second_pseudo_labels_fill_unchanged_areas_and_train(change_prepared, mlflow_store, tmp_path):
+    from rsseg.evaluation import labelled_scenes, scene_targets
+
+    teacher = train_and_register(tiny_config(change_prepared, tmp_path / "t", epochs=1, model_name="change-teacher"))
+    source = change_prepared.parent / "source"
+    out = tmp_path / "pseudo"
+    summary = pseudo_label(PseudoLabelConfig(teacher=f"models:/change-teacher/{teacher['model_version']}",
+                                             source=str(source), out=str(out), threshold=0.3))
+    data, original = PreparedData.load(out), PreparedData.load(change_prepared)
+    assert data.spec.semantic_classes == original.spec.semantic_classes
+    assert summary["rule"].startswith("unchanged areas") and summary["scenes"] == len(original.scenes)
+    assert sum(summary["kept_pixels"].values()) > 0  # something was filled at this threshold
+    assert all(data.scenes["mask_change"].astype(bool))
+    mine = {s.name: s for split in ("train", "val") for s in labelled_scenes(data, split)}
+    for split in ("train", "val"):
+        for scene in labelled_scenes(original, split):
+            before, after = scene_targets(scene, original), scene_targets(mine[scene.name], data)
+            np.testing.assert_array_equal(after["change"], before["change"])  # change never moves
+            changed = before["change"] == 1
+            for name in ("semantic_a", "semantic_b"):
+                np.testing.assert_array_equal(after[name][changed], before[name][changed])
+    result = train(tiny_config(out, tmp_path / "s", epochs=1), data)  # trains like any SECOND dataset
+    assert result.history

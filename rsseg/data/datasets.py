@@ -16,6 +16,7 @@ import torch
 from torch.utils.data import Dataset
 
 from rsseg.config import TrainConfig, split_list
+from rsseg.data.exclusions import ExcludedAreas
 from rsseg.data.masks import mask_targets, read_mask
 from rsseg.data.raster import raster_info, read_window
 from rsseg.data.tiling import Window
@@ -128,12 +129,15 @@ class TileDataset(Dataset):
         scene = self.scenes.loc[scene_name]
         image = self._image(scene["image"], window)
         raw_mask = self._mask(scene["mask"], window)
-        raw_mask_b = None
+        raw_mask_b = raw_change = None
         if self.spec.task == "change":
             image = np.concatenate([image, self._image(scene["image_b"], window)], axis=-1)
             if scene["mask_b"]:
                 raw_mask_b = self._mask(scene["mask_b"], window)
-        targets = mask_targets(raw_mask, raw_mask_b, self.spec)
+            if scene.get("mask_change", ""):
+                path = scene["mask_change"]
+                raw_change = self._read(path, window, lambda w: read_window(path, w, [1]))
+        targets = mask_targets(raw_mask, raw_mask_b, self.spec, raw_change)
         names = list(targets)
         if self.augmentation is not None and self.augmentation.transforms:
             out = self.augmentation(image=image, masks=[targets[n] for n in names])
@@ -154,14 +158,16 @@ class RandomWindowDataset(TileDataset):
     positions show it every shift. Scenes are drawn in proportion to their area. `len()` is the number of
     grid tiles, so an epoch keeps its size, but at least MIN_EPOCH (a dataset of four small images would
     otherwise spend its time starting epochs); the windows of (seed, epoch, index) are reproducible, so
-    a resumed run repeats them.
+    a resumed run repeats them. Windows centred in an `excluded` tile (an audit's list) are drawn again.
     """
 
     MIN_EPOCH = 128
+    MAX_DRAWS = 20  # windows drawn again while their centre is in an excluded tile
 
     def __init__(self, data: PreparedData, tiles: pd.DataFrame, size: int, augmentation: A.Compose | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, excluded: ExcludedAreas | None = None) -> None:
         super().__init__(data, tiles, augmentation)
+        self.excluded = excluded or ExcludedAreas(None)
         names = list(dict.fromkeys(self.tiles["scene"]))
         heights = self.scenes.loc[names, "height"].astype(int).to_numpy()
         widths = self.scenes.loc[names, "width"].astype(int).to_numpy()
@@ -181,9 +187,13 @@ class RandomWindowDataset(TileDataset):
 
     def window(self, index: int) -> tuple[str, Window]:
         rng = np.random.default_rng((self.seed, self.epoch, int(index)))
-        i = int(rng.choice(len(self._names), p=self._p))
-        row = int(rng.integers(0, self._heights[i] - self.size + 1))
-        col = int(rng.integers(0, self._widths[i] - self.size + 1))
+        for _ in range(self.MAX_DRAWS):
+            i = int(rng.choice(len(self._names), p=self._p))
+            row = int(rng.integers(0, self._heights[i] - self.size + 1))
+            col = int(rng.integers(0, self._widths[i] - self.size + 1))
+            half = self.size / 2
+            if not self.excluded.covers(self._names[i], row + half, col + half):
+                break  # after MAX_DRAWS the last draw stands (a scene almost wholly excluded)
         return self._names[i], Window(row, col, self.size, self.size)
 
     def __getitem__(self, index: int) -> dict:

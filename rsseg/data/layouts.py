@@ -7,6 +7,8 @@ Layouts (auto-detected from folder names):
   palette  the same folders with colour masks, decoded by a palette JSON (Dubai, DeepGlobe).
   change   A/ + B/ + label/ (LEVIR-CD; a/ b/ accepted): binary change masks.
   second   im1/ + im2/ + label1/ + label2/ (SECOND / SenseEarth): semantic maps of both dates, 0 = unchanged.
+           An optional change/ folder holds explicit change masks (0 unchanged, 1 or 255 changed): then the
+           semantic maps may label unchanged pixels too (pseudo labels of unchanged areas, `pseudo_label`).
 
 A layout is a collector in `_COLLECTORS` (and a rule in `detect_layout`).
 """
@@ -37,6 +39,7 @@ class Scene:
     mask: Path
     image_b: Path | None = None
     mask_b: Path | None = None
+    mask_change: Path | None = None  # second layout with change/: the change mask, apart from the semantic maps
     height: int = 0
     width: int = 0
 
@@ -82,8 +85,12 @@ def _second(source: Path, layout: str) -> list[Scene]:
     if missing:
         raise DataError(f"{source}: layout 'second' needs im1/, im2/, label1/, label2/ (missing {', '.join(missing)})")
     dirs = [_subdir(source, d) for d in _SECOND_DIRS]
-    return [Scene(stem, i1, l1, image_b=i2, mask_b=l2)
-            for stem, (i1, i2, l1, l2) in _match(dirs).items()]  # type: ignore[arg-type]
+    change = _subdir(source, "change")
+    if change is None:
+        return [Scene(stem, i1, l1, image_b=i2, mask_b=l2)
+                for stem, (i1, i2, l1, l2) in _match(dirs).items()]  # type: ignore[arg-type]
+    return [Scene(stem, i1, l1, image_b=i2, mask_b=l2, mask_change=c)
+            for stem, (i1, i2, l1, l2, c) in _match([*dirs, change]).items()]  # type: ignore[arg-type]
 
 
 # The scenes of a source folder, per layout name.

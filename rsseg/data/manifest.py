@@ -20,7 +20,8 @@ from rsseg.spec import DatasetSpec
 
 log = logging.getLogger("rsseg.data.prepare")  # part of the prepare command: its log lines keep that name
 
-SCENE_COLUMNS = ["scene", "image", "mask", "image_b", "mask_b", "height", "width", "fold", "split"]
+SCENE_COLUMNS = ["scene", "image", "mask", "image_b", "mask_b", "mask_change", "height", "width", "fold",
+                 "split"]
 TILE_COLUMNS = ["scene", "row", "col", "size", "fold", "split"]
 # Outputs of prepare from before the owner marker (rsseg.outputs): exactly these files.
 LEGACY_OUTPUT = {"prepare": {"scenes.csv", "tiles.csv", "dataset_spec.json", "stats.json"}}
@@ -53,6 +54,7 @@ def manifest(
             "mask": str(s.mask.resolve()),
             "image_b": str(s.image_b.resolve()) if s.image_b else "",
             "mask_b": str(s.mask_b.resolve()) if s.mask_b else "",
+            "mask_change": str(s.mask_change.resolve()) if s.mask_change else "",
             "height": s.height,
             "width": s.width,
             "fold": int(fold[i]),

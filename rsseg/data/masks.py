@@ -146,13 +146,16 @@ def decode_mask(raw: np.ndarray, spec: DatasetSpec) -> np.ndarray:
     raise ValueError(f"unknown mask encoding {enc!r}")
 
 
-def change_targets(raw_a: np.ndarray, raw_b: np.ndarray | None, spec: DatasetSpec) -> dict[str, np.ndarray]:
+def change_targets(raw_a: np.ndarray, raw_b: np.ndarray | None, spec: DatasetSpec,
+                   raw_change: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """Targets of a change pair.
 
     Without semantic classes (LEVIR-CD) `raw_a` is the one change mask: {"change": 0/1}.
     With semantic classes (SECOND/SenseEarth) `raw_a`/`raw_b` are the semantic maps of both dates, 0 meaning
     unchanged: change = (a != 0); the semantic maps keep only changed pixels (0 -> ignore), as SenseEarth
-    trains its semantic heads on changed pixels only.
+    trains its semantic heads on changed pixels only. With an explicit change mask (`raw_change`: 0
+    unchanged, any other value changed, the ignore index ignored) the change target is that mask and the
+    semantic maps keep every non-zero pixel: unchanged areas with pseudo labels train the semantic heads too.
     """
     ignore = np.uint8(spec.ignore_index)
     a = decode_mask(raw_a, spec)
@@ -161,8 +164,11 @@ def change_targets(raw_a: np.ndarray, raw_b: np.ndarray | None, spec: DatasetSpe
     if raw_b is None:
         raise ValueError(f"dataset spec {spec.name!r}: semantic change targets need both label maps")
     b = decode_mask(raw_b, spec)
-    a_ignored = a == ignore
-    change = np.where(a_ignored, ignore, (a != 0).astype(np.uint8)).astype(np.uint8)
+    if raw_change is not None:
+        explicit = raw_change[..., 0] if raw_change.ndim == 3 else raw_change
+        change = np.where(explicit == ignore, ignore, (explicit != 0).astype(np.uint8)).astype(np.uint8)
+    else:
+        change = np.where(a == ignore, ignore, (a != 0).astype(np.uint8)).astype(np.uint8)
     return {
         CHANGE: change,
         SEMANTIC[0]: np.where(a == 0, ignore, a).astype(np.uint8),
@@ -170,8 +176,9 @@ def change_targets(raw_a: np.ndarray, raw_b: np.ndarray | None, spec: DatasetSpe
     }
 
 
-def mask_targets(raw: np.ndarray, raw_b: np.ndarray | None, spec: DatasetSpec) -> dict[str, np.ndarray]:
+def mask_targets(raw: np.ndarray, raw_b: np.ndarray | None, spec: DatasetSpec,
+                 raw_change: np.ndarray | None = None) -> dict[str, np.ndarray]:
     """All target maps of one sample, keyed by output-group name (see `rsseg.spec.output_groups_for`)."""
     if spec.task == "change":
-        return change_targets(raw, raw_b, spec)
+        return change_targets(raw, raw_b, spec, raw_change)
     return {CLASSES: decode_mask(raw, spec)}

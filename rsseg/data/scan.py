@@ -82,7 +82,7 @@ def check_rasters(
             if (b.height, b.width) != (a.height, a.width):
                 raise DataError(f"{scene.image_b}: {b.width}x{b.height} px but its pair {scene.image} is "
                                 f"{a.width}x{a.height}; both dates of a change pair need the same size")
-        for mask in scene.masks:
+        for mask in [*scene.masks, *([scene.mask_change] if scene.mask_change else [])]:
             info = infos[mask] = _info(mask)
             if (info.height, info.width) != (a.height, a.width):
                 raise DataError(f"{mask}: mask is {info.width}x{info.height} px but its image {scene.image} is "

@@ -1,0 +1,115 @@
+"""What do unlabelled scenes and a bigger teacher buy a student? On a benchmark dataset whose training scenes
+are split into a labelled part and an "unlabelled" part (masks hidden; the validation split is never
+pseudo-labelled), at the same student training budget:
+
+- labelled only: the default recipe on the labelled part;
+- + pseudo labels: a teacher (a larger encoder, trained on the labelled part for `teacher_budget`) labels the
+  unlabelled part where it is sure (`pseudo_label`), mixed 1:1 with the labelled part;
+- + distillation: the student also learns the teacher's soft logits (`train -P teacher=`);
+- both; and all labels (the hidden masks given back: the ceiling).
+
+Every figure is `evaluate`'s (whole validation scenes through the served tiling, ONNX Runtime in process),
+logged in a throwaway MLflow store."""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from rsseg.bench.datasets import benchmark_config, prepare_benchmark
+from rsseg.config import EvaluateConfig, PseudoLabelConfig
+from rsseg.data.datasets import PreparedData
+from rsseg.pseudo_labels import pseudo_label_loaded
+from rsseg.scoring import evaluate_loaded
+from rsseg.training import train
+
+log = logging.getLogger(__name__)
+
+TEACHER_ENCODER = "tf_efficientnet_lite4"
+STUDENTS = ("labelled only", "+ pseudo labels", "+ distillation", "+ pseudo labels + distillation", "all labels")
+
+
+def split_labelled(data: PreparedData, labelled_share: float, out: Path, seed: int = 0) -> tuple[PreparedData, Path]:
+    """A prepared dataset keeping the validation scenes and `labelled_share` of the training scenes (drawn at
+    random), and a folder of links to the other training scenes' images (their masks hidden)."""
+    train_scenes = sorted(data.scenes.loc[data.scenes["split"] == "train", "scene"])
+    rng = np.random.default_rng(seed)
+    keep = set(rng.choice(train_scenes, size=max(1, round(len(train_scenes) * labelled_share)), replace=False))
+    hidden = [s for s in train_scenes if s not in keep]
+    labelled = out / "labelled"
+    labelled.mkdir(parents=True)
+    shutil.copy(data.root / "dataset_spec.json", labelled / "dataset_spec.json")
+    data.scenes[~data.scenes["scene"].isin(hidden)].to_csv(labelled / "scenes.csv", index=False)
+    data.tiles[~data.tiles["scene"].isin(hidden)].to_csv(labelled / "tiles.csv", index=False)
+    unlabelled = out / "unlabelled"
+    unlabelled.mkdir()
+    for _, scene in data.scenes[data.scenes["scene"].isin(hidden)].iterrows():
+        image = Path(scene["image"])
+        (unlabelled / f"{scene['scene']}{image.suffix}").symlink_to(image)
+    return PreparedData.load(labelled), unlabelled
+
+
+def pseudo_row(name: str, budget: float, teacher_budget: float, labelled_share: float = 1 / 3,
+               threshold: float = 0.9) -> dict[str, Any]:
+    """The five students (STUDENTS) and the teacher on one benchmark dataset."""
+    import mlflow
+
+    logging.getLogger("rsseg.client").setLevel(logging.WARNING)
+    data = prepare_benchmark(name)
+    with tempfile.TemporaryDirectory(prefix="rsseg-bench-pseudo-") as tmp:
+        previous = os.environ.get("MLFLOW_TRACKING_URI")
+        mlflow.set_tracking_uri(f"sqlite:///{Path(tmp) / 'mlflow.db'}")
+        try:
+            return _row(name, data, Path(tmp), budget, teacher_budget, labelled_share, threshold)
+        finally:
+            mlflow.set_tracking_uri(previous)
+
+
+def _row(name: str, data: PreparedData, tmp: Path, budget: float, teacher_budget: float, labelled_share: float,
+         threshold: float) -> dict[str, Any]:
+    labelled, unlabelled = split_labelled(data, labelled_share, tmp / "split")
+    config = benchmark_config(name, labelled.root, budget)
+    teacher = train(replace(config, time_budget=teacher_budget, encoder=TEACHER_ENCODER), labelled)
+    members = [(teacher.model, teacher.spec)]
+    pseudo = pseudo_label_loaded(members, PseudoLabelConfig(teacher=f"{TEACHER_ENCODER} ({teacher_budget:.0f} s)",
+                                                            source=str(unlabelled), out=str(tmp / "pseudo"),
+                                                            threshold=threshold))
+    pseudo_data = PreparedData.load(pseudo["out"])
+    students = {
+        STUDENTS[0]: train(config, labelled),
+        STUDENTS[1]: train(replace(config, mix="1:1"), labelled, extra=[pseudo_data]),
+        STUDENTS[2]: train(config, labelled, teacher=members[0]),
+        STUDENTS[3]: train(replace(config, mix="1:1"), labelled, extra=[pseudo_data], teacher=members[0]),
+        STUDENTS[4]: train(replace(config, data=str(data.root)), data),
+    }
+    scores = {label: _score(result, labelled.root) for label, result in [("teacher", teacher), *students.items()]}
+    kept = pseudo["kept_pixels"]
+    return {"dataset": name, "metric": teacher.spec.dataset.headline_metric, "budget_s": budget,
+            "teacher_budget_s": teacher_budget, "teacher_encoder": TEACHER_ENCODER,
+            "labelled_scenes": int((labelled.scenes["split"] == "train").sum()), "unlabelled_scenes": pseudo["scenes"],
+            "threshold": threshold,
+            "pseudo_kept_share": round(sum(kept.values()) / max(1, sum(pseudo["predicted_pixels"].values())), 3),
+            **scores}
+
+
+def _score(result: Any, data: Path) -> float:
+    summary = evaluate_loaded([(result.model, result.spec)], EvaluateConfig(model="bench", data=str(data), tag=False))
+    return round(float(summary["headline"]), 4)
+
+
+def format_pseudo_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| dataset (metric) | labelled / unlabelled scenes | teacher | " + " | ".join(STUDENTS) + " |",
+             "|---" * (3 + len(STUDENTS)) + "|"]
+    for r in rows:
+        lines.append(f"| {r['dataset']} ({r['metric']}) | {r['labelled_scenes']} / {r['unlabelled_scenes']} "
+                     f"(kept {r['pseudo_kept_share']:.0%} at {r['threshold']}) | {r['teacher']:.3f} "
+                     f"({r['teacher_encoder']}, {r['teacher_budget_s']:.0f} s) | "
+                     + " | ".join(f"{r[s]:.3f}" for s in STUDENTS) + " |")
+    return "\n".join(lines)
