@@ -62,7 +62,8 @@ def _read_csvs(out: Path) -> tuple[pd.DataFrame, pd.DataFrame]:
 def _check_manifest(out: Path, tile_size: int, overlap: int, folds: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Invariants every prepared dataset has: full coverage, edge tiles, scene-level splits and folds."""
     scenes, tiles = _read_csvs(out)
-    assert list(scenes.columns) == ["scene", "image", "mask", "image_b", "mask_b", "height", "width", "fold", "split"]
+    assert list(scenes.columns) == ["scene", "image", "mask", "image_b", "mask_b", "mask_change", "height", "width",
+                                    "fold", "split"]
     assert list(tiles.columns) == ["scene", "row", "col", "size", "fold", "split"]
     assert scenes["scene"].is_unique
     for s in scenes.itertuples():

@@ -8,6 +8,10 @@ pseudo-labelled), at the same student training budget:
 - + distillation: the student also learns the teacher's soft logits (`train -P teacher=`);
 - both; and all labels (the hidden masks given back: the ceiling).
 
+On SECOND-style change data (`second_row`: LEVIR-CD made SECOND-style, see `levir_as_second`) the teacher
+(a larger siamese UNet) fills the unchanged areas of the training pairs instead (the change-detection
+seed's rule), and the student trains on the filled set, or distils, or neither.
+
 Every figure is `evaluate`'s (whole validation scenes through the served tiling, ONNX Runtime in process),
 logged in a throwaway MLflow store."""
 
@@ -22,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import rasterio
 
 from rsseg.bench.datasets import benchmark_config, prepare_benchmark
 from rsseg.config import EvaluateConfig, PseudoLabelConfig
@@ -33,6 +38,10 @@ from rsseg.training import train
 log = logging.getLogger(__name__)
 
 TEACHER_ENCODER = "tf_efficientnet_lite4"
+# LEVIR-CD made SECOND-style: semantic classes as the Dubai palette's, a changed pixel (a new building) is
+# land before and building after.
+SECOND_CLASSES = ["unchanged", "land", "water", "building", "vegetation", "road"]
+SECOND_STUDENTS = ("labelled only", "+ unchanged areas pseudo-labelled", "+ distillation")
 STUDENTS = ("labelled only", "+ pseudo labels", "+ distillation", "+ pseudo labels + distillation", "all labels")
 
 
@@ -99,6 +108,63 @@ def _row(name: str, data: PreparedData, tmp: Path, budget: float, teacher_budget
             **scores}
 
 
+def levir_as_second(source: Path, out: Path) -> Path:
+    """A SECOND-layout copy of LEVIR-CD (A/, B/, label/): im1/ and im2/ link the dates, label1/ marks changed
+    pixels as land and label2/ as building (SECOND_CLASSES), unchanged pixels 0. No real SECOND data is in
+    ../shared/data; this keeps LEVIR-CD's real images and change, with the semantics its change implies."""
+    for folder in ("im1", "im2", "label1", "label2"):
+        (out / folder).mkdir(parents=True)
+    for label in sorted((source / "label").iterdir()):
+        (out / "im1" / label.name).symlink_to((source / "A" / label.name).resolve())
+        (out / "im2" / label.name).symlink_to((source / "B" / label.name).resolve())
+        with rasterio.open(label) as src:
+            changed = src.read(1) > 0
+            profile = {"driver": "PNG", "height": src.height, "width": src.width, "count": 1, "dtype": "uint8"}
+        for folder, value in (("label1", SECOND_CLASSES.index("land")), ("label2", SECOND_CLASSES.index("building"))):
+            with rasterio.open(out / folder / label.name, "w", **profile) as dst:
+                dst.write(np.where(changed, value, 0).astype(np.uint8)[None])
+    return out
+
+
+def second_row(budget: float, teacher_budget: float, threshold: float = 0.9) -> dict[str, Any]:
+    """SECOND_STUDENTS and the teacher on LEVIR-CD made SECOND-style."""
+    import mlflow
+
+    from rsseg.bench.datasets import RECIPES, SHARED_DATA
+    from rsseg.data.prepare import prepare_dataset
+
+    logging.getLogger("rsseg.client").setLevel(logging.WARNING)
+    with tempfile.TemporaryDirectory(prefix="rsseg-bench-second-") as tmp:
+        source = levir_as_second(SHARED_DATA / RECIPES["levir"].folder, Path(tmp) / "second")
+        prepare_dataset(source, Path(tmp) / "prepared", layout="second", classes=SECOND_CLASSES, tile_size=256,
+                        overlap=0, val_fraction=0.4, name="levir-second", progress=False)
+        data = PreparedData.load(Path(tmp) / "prepared")
+        previous = os.environ.get("MLFLOW_TRACKING_URI")
+        mlflow.set_tracking_uri(f"sqlite:///{Path(tmp) / 'mlflow.db'}")
+        try:
+            config = benchmark_config("levir", data.root, budget)
+            teacher = train(replace(config, time_budget=teacher_budget, encoder=TEACHER_ENCODER), data)
+            members = [(teacher.model, teacher.spec)]
+            # Every pair's unchanged areas (validation ones too: validation scores semantics on changed pixels
+            # only, and the filled set keeps prepare's split of the same scenes).
+            pseudo = pseudo_label_loaded(members, PseudoLabelConfig(
+                teacher=f"{TEACHER_ENCODER} ({teacher_budget:.0f} s)", source=str(source),
+                out=str(Path(tmp) / "pseudo"), threshold=threshold, overlap=0))
+            filled = PreparedData.load(pseudo["out"])
+            students = {
+                SECOND_STUDENTS[0]: train(config, data),
+                SECOND_STUDENTS[1]: train(replace(config, data=str(filled.root)), filled),
+                SECOND_STUDENTS[2]: train(config, data, teacher=members[0]),
+            }
+            scores = {label: _score(result, data.root) for label, result in [("teacher", teacher), *students.items()]}
+        finally:
+            mlflow.set_tracking_uri(previous)
+    kept = sum(pseudo["kept_pixels"].values()) / max(1, sum(pseudo["predicted_pixels"].values()))
+    return {"dataset": "levir-second", "metric": teacher.spec.dataset.headline_metric, "budget_s": budget,
+            "teacher_budget_s": teacher_budget, "teacher_encoder": TEACHER_ENCODER, "pairs": len(data.scenes),
+            "threshold": threshold, "pseudo_kept_share": round(kept, 3), **scores}
+
+
 def _score(result: Any, data: Path) -> float:
     summary = evaluate_loaded([(result.model, result.spec)], EvaluateConfig(model="bench", data=str(data), tag=False))
     return round(float(summary["headline"]), 4)
@@ -112,4 +178,15 @@ def format_pseudo_table(rows: list[dict[str, Any]]) -> str:
                      f"(kept {r['pseudo_kept_share']:.0%} at {r['threshold']}) | {r['teacher']:.3f} "
                      f"({r['teacher_encoder']}, {r['teacher_budget_s']:.0f} s) | "
                      + " | ".join(f"{r[s]:.3f}" for s in STUDENTS) + " |")
+    return "\n".join(lines)
+
+
+def format_second_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["| dataset (metric) | pairs | teacher | " + " | ".join(SECOND_STUDENTS) + " |",
+             "|---" * (3 + len(SECOND_STUDENTS)) + "|"]
+    for r in rows:
+        lines.append(f"| {r['dataset']} ({r['metric']}) | {r['pairs']} (unchanged pixels kept "
+                     f"{r['pseudo_kept_share']:.0%} at {r['threshold']}) | {r['teacher']:.3f} "
+                     f"({r['teacher_encoder']}, {r['teacher_budget_s']:.0f} s) | "
+                     + " | ".join(f"{r[s]:.3f}" for s in SECOND_STUDENTS) + " |")
     return "\n".join(lines)
