@@ -47,6 +47,11 @@ EXTRA = """\
     parameters:
       budget: {type: float, default: 300}
     command: "python -m pipelines.bench_ensembles --budget {budget}"
+  bench_precision:
+    parameters:
+      dataset: {type: string, default: roads}
+      budget: {type: float, default: 300}
+    command: "python -m pipelines.bench_precision --dataset {dataset} --budget {budget}"
   bench_pseudo:
     parameters:
       budget: {type: float, default: 150}
@@ -58,14 +63,16 @@ EXTRA = """\
       tiles: {type: float, default: 16}
       batch: {type: float, default: 4}
       max_in_flight: {type: float, default: 2}
-    command: "python -m pipelines.bench_serving --tile {tile} --tiles {tiles} --batch {batch} --max-in-flight {max_in_flight}"
+      precision: {type: string, default: fp32}
+    command: "python -m pipelines.bench_serving --tile {tile} --tiles {tiles} --batch {batch} --max-in-flight {max_in_flight} --precision {precision}"
   bench_scene:
     parameters:
       size: {type: float, default: 8192}
       tile: {type: float, default: 512}
       margin: {type: float, default: 32}
       shared_memory: {type: string, default: none}
-    command: "python -m pipelines.bench_scene --size {size} --tile {tile} --margin {margin} --shared-memory {shared_memory}"
+      precision: {type: string, default: fp32}
+    command: "python -m pipelines.bench_scene --size {size} --tile {tile} --margin {margin} --shared-memory {shared_memory} --precision {precision}"
 """
 
 

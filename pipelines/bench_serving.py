@@ -18,9 +18,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--max-in-flight", type=int, default=2, help="requests in flight at once")
     parser.add_argument("--encoder", default=DEFAULT_ENCODER)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "int8", "fp16"],
+                        help="also measure the model at this precision (int8: promote's default recipe), same run")
     args = parser.parse_args(argv)
     print(json.dumps(serving_benchmark(tile=args.tile, tiles=args.tiles, batch=args.batch,
-                                       max_in_flight=args.max_in_flight, encoder=args.encoder)), flush=True)
+                                       max_in_flight=args.max_in_flight, encoder=args.encoder,
+                                       precision=args.precision)), flush=True)
     return 0
 
 

@@ -31,10 +31,10 @@ from rsseg.data.datasets import PreparedData
 from rsseg.data.raster import read_window
 from rsseg.data.tiling import Window
 from rsseg.errors import ConfigError
-from rsseg.evaluation import Evaluator, labelled_scenes, scene_targets, served_predictor
+from rsseg.evaluation import Evaluator, scene_targets, served_predictor
 from rsseg.outputs import replace_output_dir
 from rsseg.plots import Overlay, overlays_figure
-from rsseg.scoring import SPLITS, check_data, data_root, onnx_ensemble
+from rsseg.scoring import check_data, data_root, onnx_ensemble, split_scenes
 from rsseg.spec import ModelSpec, member_label
 
 log = logging.getLogger(__name__)
@@ -107,9 +107,7 @@ def score_tiles(model: Any, data: PreparedData, config: AuditConfig) -> tuple[pd
     """Every tile and scene of `config.split` scored (worst first), and the worst tiles' pixels."""
     spec: ModelSpec = model.spec
     headline = spec.dataset.headline_metric
-    scenes = [s for name in SPLITS[config.split] for s in labelled_scenes(data, name)]
-    if not scenes:
-        raise ConfigError(f"{data.root}: no scenes in split {config.split!r}; choose split=train, val or all")
+    scenes = split_scenes(data, config.split)
     predict = served_predictor(model, data, batch=config.batch)
     worst = WorstTiles(config.figure_tiles)
     tile_rows, scene_rows = [], []

@@ -198,7 +198,20 @@ class MainConfig:
 
 
 @dataclass
-class EvaluateConfig:
+class PrecisionOptions:
+    """The precision a model is served (promote) or scored (evaluate) at (rsseg.export.quantize)."""
+
+    precision: str = _opt("fp32", "fp32, int8 (ONNX Runtime static quantization, for CPUs) or fp16 (for GPU "
+                          "instances)", ("fp32", "int8", "fp16"))
+    calibration_tiles: int = _opt(64, "int8: training tiles that calibrate the activation ranges")
+    calibration_method: str = _opt("minmax", "int8: activation range calibration",
+                                   ("minmax", "entropy", "percentile"))
+    quantize_ops: str = _opt("Conv,MatMul,Gemm", "int8: operator types quantized (the rest stay fp32); empty: all "
+                             "that ONNX Runtime can")
+
+
+@dataclass
+class EvaluateConfig(PrecisionOptions):
     model: str = _opt("", "what to score: models:/NAME/VERSION, models:/NAME@ALIAS, runs:/RUN_ID, or several joined "
                       "by commas (models:/NAME/3,5,7: their logit-averaging ensemble); with url, empty = what it serves")
     data: str = _opt("", "prepared dataset to score on; empty: the data the (first) model was trained on")
@@ -211,7 +224,7 @@ class EvaluateConfig:
     margin: int = _opt(-1, "pixels dropped at inner window edges, as the scene client (-1: the client's default)")
     tile: int = _opt(0, "window size (0: the client's adaptive choice)")
     batch: int = _opt(4, "windows per request")
-    tag: bool = _opt(True, "tag the evaluated registered version with eval_<metric> (single models only)")
+    tag: bool = _opt(True, "tag the evaluated registered version with eval_<metric> (single fp32 models only)")
 
 
 @dataclass
@@ -244,7 +257,7 @@ class AuditConfig:
 
 
 @dataclass
-class PromoteConfig:
+class PromoteConfig(PrecisionOptions):
     model_name: str = _opt("rsseg-binary", "registered model whose versions compete")
     metric: str = _opt("", "version tag to compare on: val_<metric> (training validation) or eval_<metric> (`evaluate`, "
                        "served path); empty: each version's headline_metric")
@@ -260,4 +273,5 @@ class PromoteConfig:
     tta: str = _opt("none", "test-time augmentation served by default (none, flips, d4)", ("none", "flips", "d4"))
     opset: int = _opt(17, "ONNX opset (>= 17)")
     atol: float = _opt(1e-3, "largest ONNX Runtime vs PyTorch logit difference accepted")
+    max_metric_drop: float = _opt(0.005, "int8/fp16: largest loss of the served validation metric against fp32")
     rollback: bool = _opt(False, "serve the previously promoted version again instead of promoting")

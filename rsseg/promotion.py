@@ -23,6 +23,7 @@ from rsseg.config import EvaluateConfig, PromoteConfig, split_list
 from rsseg.errors import ConfigError, PromotionRefused
 from rsseg.export.onnx import assert_parity, check_parity, export_onnx
 from rsseg.models.ensemble import LogitAverage
+from rsseg.precision import reduce_precision
 from rsseg.served_check import served_check
 from rsseg.serving.repository import (
     ServingOptions,
@@ -182,22 +183,26 @@ def promote(config: PromoteConfig) -> dict[str, Any]:
         log.info("ONNX parity: max |logit diff| %.2e over shapes %s, class maps equal", parity.max_abs_diff,
                  parity.shapes)
         faults.point("parity-checked")
+        served_paths, precision = reduce_precision(config, spec, onnx_paths, change.work / "reduced",
+                                                   [s for _, s in parts])
         record = {"mlflow_name": name, "mlflow_version": candidate.version, "metric": candidate.metric,
-                  "value": candidate.value, "reason": reason, "parity": parity.to_dict()}
+                  "value": candidate.value, "reason": reason, "parity": parity.to_dict(), "precision": precision}
         if spec.members:
             record["members"] = [m["model_version"] for m in spec.members]
-        version = stage_promotion(repo, change.staging, name, spec, onnx_paths, options, record)
-        served = {"triton_version": version, **_check_and_commit(change, name, spec, onnx_paths)}
+        version = stage_promotion(repo, change.staging, name, spec, served_paths, options, record)
+        served = {"triton_version": version, **_check_and_commit(change, name, spec, served_paths)}
         tracking.set_champion(name, candidate.version, champion.version if champion else None, {
             "promoted_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "triton_version": str(version),
             "onnx_sha256": read_history(repo, name)["versions"][str(version)]["onnx_sha256"],
+            **{f"served_{key}": str(value) for key, value in precision.items() if key != "data"},
         })
         faults.point("aliases-moved")
     summary = {"action": "promote", "model_name": name, "version": candidate.version,
                "members": [m["model_version"] for m in spec.members] if spec.members else None, "metric": candidate.metric,
                "value": candidate.value, "previous_champion": champion.version if champion else None,
-               "reason": reason, "parity": parity.to_dict(), "served_check": served, "repo": str(repo)}
+               "reason": reason, "parity": parity.to_dict(), "precision": precision, "served_check": served,
+               "repo": str(repo)}
     tracking.log_promotion(summary, repo / name / "history.json")
     faults.point("logged")
     return summary

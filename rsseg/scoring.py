@@ -5,7 +5,8 @@ scored with every metric of the task and the result is logged as a run of `rsseg
 the evaluated version (`eval_<metric>`) so that promotion can rank versions on what is served.
 
 Several models (`models:/NAME/3,5,7`) are scored as their logit-averaging ensemble, computed as the served
-segmenter computes it (rsseg.averaging).
+segmenter computes it (rsseg.averaging). `precision=int8|fp16` scores the reduced file promotion would serve
+(rsseg.export.quantize; int8 calibrated on the model's training split); such runs do not tag the version.
 """
 
 from __future__ import annotations
@@ -23,8 +24,9 @@ from rsseg import tracking
 from rsseg.config import EvaluateConfig
 from rsseg.data.datasets import PreparedData
 from rsseg.errors import ConfigError
-from rsseg.evaluation import Evaluator, OnnxModel, labelled_scenes, score_scenes, served_predictor
+from rsseg.evaluation import Evaluator, LabelledScene, OnnxModel, labelled_scenes, score_scenes, served_predictor
 from rsseg.export.onnx import export_onnx
+from rsseg.export.quantize import PrecisionRecipe, reduce_files
 from rsseg.models.ensemble import LogitAverage
 from rsseg.spec import ModelSpec, ensemble_spec, member_label
 
@@ -69,18 +71,26 @@ def evaluate_loaded(members: list[tuple[Any, ModelSpec]], config: EvaluateConfig
     """evaluate() for models already loaded (one, or an ensemble's members), in ONNX Runtime in process:
     each exported on its own, their logits averaged as the served segmenter averages them."""
     specs = [spec for _, spec in members]
+    recipe = PrecisionRecipe.from_config(config)
+    where = "onnxruntime in process" + ("" if recipe.precision == "fp32" else f", {recipe.precision}")
     with tempfile.TemporaryDirectory(prefix="rsseg-evaluate-") as tmp:
-        model = onnx_ensemble(members, Path(tmp), tta=config.tta)
-        return _evaluate(config, model, specs, where="onnxruntime in process")
+        model = onnx_ensemble(members, Path(tmp), tta=config.tta, recipe=recipe)
+        return _evaluate(config, model, specs, where=where)
 
 
-def onnx_ensemble(members: list[tuple[Any, ModelSpec]], folder: Path, tta: str = "none") -> OnnxModel:
+def onnx_ensemble(members: list[tuple[Any, ModelSpec]], folder: Path, tta: str = "none",
+                  recipe: PrecisionRecipe | None = None) -> OnnxModel:
     """Loaded models (one, several, or registered ensembles) as the served segmenter runs them: each member
-    exported to ONNX in `folder`, their logits averaged (over `tta` views too)."""
+    exported to ONNX in `folder` (at `recipe`'s precision: int8 calibrated on the first member's training
+    data), their logits averaged (over `tta` views too)."""
     specs = [spec for _, spec in members]
     parts = [part for model, spec in members for part in _parts(model, spec)]
     spec = specs[0] if len(specs) == 1 else ensemble_spec([s for _, s in parts])
     paths = [export_onnx(model, part, folder / f"member{i}.onnx") for i, (model, part) in enumerate(parts)]
+    if recipe is not None and recipe.precision != "fp32":
+        trained = [s for _, s in parts]
+        data = PreparedData.load(data_root("", trained)) if recipe.precision == "int8" else None
+        paths = reduce_files(recipe, paths, folder, spec.dataset, data, training_fold(trained[0]))
     return OnnxModel(paths, spec, tta=tta)
 
 
@@ -113,9 +123,7 @@ def _evaluate_prepared(config: EvaluateConfig, model: Any, specs: list[ModelSpec
                        split: str) -> dict[str, Any]:
     spec: ModelSpec = model.spec
     check_data(data, spec)
-    scenes = [s for name in SPLITS[split] for s in labelled_scenes(data, name)]
-    if not scenes:
-        raise ConfigError(f"{data.root}: no scenes in split {split!r}; choose split=train, val or all")
+    scenes = split_scenes(data, split)
     headline = spec.dataset.headline_metric
     predict = served_predictor(model, data, batch=config.batch, margin=None if config.margin < 0 else config.margin,
                                tile=config.tile or None)
@@ -131,11 +139,12 @@ def _evaluate_prepared(config: EvaluateConfig, model: Any, specs: list[ModelSpec
                "data": str(config.data or data.root), "split": split, "scenes": len(scenes), "tta": config.tta,
                "headline_metric": headline, "headline": metrics.get(headline)}
     params = {"model": label, "members": len(specs) or 1, "data": summary["data"], "split": split,
-              "where": where, "tta": config.tta, "margin": config.margin, "tile": config.tile, "batch": config.batch}
+              "where": where, "tta": config.tta, "margin": config.margin, "tile": config.tile, "batch": config.batch,
+              "precision": config.precision}
     summary["run_id"] = tracking.log_evaluation(summary, metrics, rows, total.confusion.matrix, total.class_names,
                                                 params)
     registered = [s for s in specs if s.model_name and s.model_version]
-    if config.tag and len(specs) == 1 and registered:
+    if config.tag and len(specs) == 1 and registered and config.precision == "fp32":  # eval_ tags rank fp32
         target = registered[0]
         tracking.tag_evaluation(target.model_name, target.model_version, metrics, {
             "eval_run_id": summary["run_id"], "eval_data": summary["data"], "eval_split": split,
@@ -145,6 +154,21 @@ def _evaluate_prepared(config: EvaluateConfig, model: Any, specs: list[ModelSpec
     log.info("%s on %d %s scene(s) of %s (%s): %s %.4f", label, len(scenes), split, summary["data"], where, headline,
              metrics.get(headline, math.nan))
     return summary
+
+
+def split_scenes(data: PreparedData, split: str) -> list[LabelledScene]:
+    """The labelled scenes of `split` (val, train or all); ConfigError when there are none."""
+    scenes = [s for name in SPLITS[split] for s in labelled_scenes(data, name)]
+    if not scenes:
+        raise ConfigError(f"{data.root}: no scenes in split {split!r}; choose split=train, val or all")
+    return scenes
+
+
+def served_metrics(model: OnnxModel, data: PreparedData, split: str = "val", batch: int = 4) -> dict[str, float]:
+    """The task's metrics of `model` over the whole scenes of `split`, through the served tiling; not logged."""
+    scenes = split_scenes(data, split)
+    metrics, _ = score_scenes(data, model.spec, scenes, served_predictor(model, data, batch=batch))
+    return metrics
 
 
 def _parts(model: Any, spec: ModelSpec) -> list[tuple[Any, ModelSpec]]:
@@ -167,6 +191,15 @@ def data_root(given: str, specs: list[ModelSpec]) -> str:
         raise ConfigError(f"the model was trained on {trained_on}, which is not here; give data=PATH of a "
                           "prepared dataset")
     return trained_on
+
+
+def training_fold(spec: ModelSpec) -> int:
+    """The validation fold the model was trained with (its run's `fold` param; -1: the 9:1 holdout)."""
+    value = tracking.run_param(spec.run_id, "fold") if spec.run_id else None
+    try:
+        return int(float(value)) if value not in (None, "") else -1
+    except ValueError:
+        return -1
 
 
 def check_data(data: PreparedData, spec: ModelSpec) -> None:

@@ -438,6 +438,15 @@ def log_promotion(summary: dict[str, Any], history: Path) -> str:
     if "max_abs_diff" in parity:
         client.log_metric(run_id, "onnx_max_abs_logit_diff", parity["max_abs_diff"])
     client.log_metric(run_id, "served_pixels_agree", summary["served_check"]["pixels_agree"])
+    precision = summary.get("precision") or {}
+    if "precision" in precision:
+        client.log_param(run_id, "precision", precision["precision"])
+    for key in ("fp32_metric", "metric_value", "metric_drop", "fp32_bytes", "bytes", "size_ratio"):
+        if _finite(precision.get(key)):
+            client.log_metric(run_id, f"precision_{key}", float(precision[key]))
+    for key in ("calibration_tiles", "calibration_method", "quantized_ops", "max_metric_drop"):
+        if key in precision:
+            client.log_param(run_id, key, _param(precision[key]))
     client.log_dict(run_id, summary, "promotion.json")
     if history.is_file():
         client.log_artifact(run_id, str(history))

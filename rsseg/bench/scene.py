@@ -23,6 +23,7 @@ from rasterio.windows import Window as RioWindow
 from rsseg.bench.setup import onnxruntime_logits, random_model, served
 from rsseg.data.transforms import normalize
 from rsseg.export.onnx import export_onnx
+from rsseg.export.quantize import convert_fp16, quantize_int8
 from rsseg.served_check import sample_tile
 from rsseg.spec import DEFAULT_ENCODER
 
@@ -49,17 +50,27 @@ def write_large_scene(path: Path, size: int, block: int = 1024, seed: int = 0) -
 
 def scene_benchmark(*, size: int = 8192, tile: int = 512, margin: int = 32, batch: int = 4, max_in_flight: int = 2,
                     reference_tiles: int = 16, encoder: str = DEFAULT_ENCODER,
-                    shared_memory: str = "none") -> dict[str, Any]:
+                    shared_memory: str = "none", precision: str = "fp32") -> dict[str, Any]:
     """End to end through Triton (a real client process, its peak memory from its scene summary)
-    against ONNX Runtime in process and a PyTorch eager loop, all on the seed UNet at `tile`."""
+    against ONNX Runtime in process and a PyTorch eager loop, all on the seed UNet at `tile`. With
+    `precision` int8 or fp16 the server serves the reduced file (int8: promote's default recipe, calibrated on
+    the reference tiles) and the references include it in process (`onnxruntime_<precision>`); the fp32
+    ONNX Runtime figures stay the baseline of the ratios."""
     model, spec = random_model(tile, encoder, classes=("background", "ice"))
     result: dict[str, Any] = {"scene": f"{size}x{size}", "tile": tile, "margin": margin, "batch": batch,
-                              "max_in_flight": max_in_flight, "encoder": encoder, "shared_memory": shared_memory}
+                              "max_in_flight": max_in_flight, "encoder": encoder, "shared_memory": shared_memory,
+                              "precision": precision}
     tiles = np.stack([sample_tile(spec, tile, seed=i) for i in range(reference_tiles)])
     with tempfile.TemporaryDirectory(prefix="rsseg-scene-bench-") as tmp:
         tmp_path = Path(tmp)
         onnx_path = export_onnx(model, spec, tmp_path / "model.onnx")
         run_ort = onnxruntime_logits(onnx_path, spec)
+        served_path = onnx_path
+        if precision == "int8":
+            served_path = quantize_int8(onnx_path, tmp_path / "int8.onnx", tiles, spec.dataset)
+        elif precision == "fp16":
+            served_path = convert_fp16(onnx_path, tmp_path / "fp16.onnx")
+        run_reduced = onnxruntime_logits(served_path, spec) if precision != "fp32" else None
 
         def references() -> dict[str, float]:
             """Tiles/s of ONNX Runtime in process and of a PyTorch eager sliding-window loop (what users
@@ -70,6 +81,12 @@ def scene_benchmark(*, size: int = 8192, tile: int = 512, margin: int = 32, batc
             for i in range(0, len(tiles), batch):
                 run_ort(tiles[i : i + batch]).argmax(axis=1)
             rates["onnxruntime"] = len(tiles) / (time.perf_counter() - start)
+            if run_reduced is not None:
+                run_reduced(tiles[:batch])
+                start = time.perf_counter()
+                for i in range(0, len(tiles), batch):
+                    run_reduced(tiles[i : i + batch]).argmax(axis=1)
+                rates[f"onnxruntime_{precision}"] = len(tiles) / (time.perf_counter() - start)
             with torch.inference_mode():
                 model(torch.from_numpy(np.stack([normalize(t, spec.dataset) for t in tiles[:batch]])))
                 start = time.perf_counter()
@@ -82,7 +99,7 @@ def scene_benchmark(*, size: int = 8192, tile: int = 512, margin: int = 32, batc
         before = references()
 
         scene = write_large_scene(tmp_path / "scene.tif", size)
-        with served(tmp_path, spec, onnx_path, batch * max_in_flight) as server:
+        with served(tmp_path, spec, served_path, batch * max_in_flight) as server:
             start = time.perf_counter()
             done = subprocess.run([sys.executable, "-m", "rsseg.client.cli", str(scene), "--out", str(tmp_path / "out"),
                                    "--url", server.grpc_url, "--tile", str(tile), "--margin", str(margin),
@@ -94,7 +111,7 @@ def scene_benchmark(*, size: int = 8192, tile: int = 512, margin: int = 32, batc
         # Measured again after the scene: this machine is shared and its speed drifts over minutes;
         # the ratios use the mean of both, and both are printed.
         after = references()
-        for name in ("onnxruntime", "pytorch_eager"):
+        for name in before:
             result[f"{name}_tiles_per_s_before"] = before[name]
             result[f"{name}_tiles_per_s_after"] = after[name]
             result[f"{name}_tiles_per_s"] = (before[name] + after[name]) / 2

@@ -15,51 +15,77 @@ from rsseg import contract
 from rsseg.bench.setup import BENCH_MODEL, onnxruntime_logits, random_model, served
 from rsseg.client.oneshot import connect, served_spec
 from rsseg.export.onnx import export_onnx
+from rsseg.export.quantize import convert_fp16, quantize_int8
 from rsseg.served_check import sample_tile
 from rsseg.spec import DEFAULT_ENCODER
 
 
 def serving_benchmark(*, tile: int = 512, tiles: int = 16, batch: int = 4, max_in_flight: int = 2,
-                      encoder: str = DEFAULT_ENCODER) -> dict[str, Any]:
+                      encoder: str = DEFAULT_ENCODER, precision: str = "fp32") -> dict[str, Any]:
     """Tiles/s of the seed UNet through the Triton ensemble (gRPC) and through ONNX Runtime in one
-    process, on the same raw tiles, doing the same work (normalise, model, argmax)."""
+    process, on the same raw tiles, doing the same work (normalise, model, argmax). With `precision`
+    int8 or fp16 the reduced file is measured the same way too (keys prefixed `<precision>_`), in the same
+    run as fp32 (int8 calibrated on the benchmark tiles: speed does not depend on the ranges)."""
     model, spec = random_model(tile, encoder)
     raw = np.stack([sample_tile(spec, tile, seed=i) for i in range(tiles)])
     batches = [raw[i : i + batch] for i in range(0, tiles, batch)]
     result: dict[str, Any] = {"tile": tile, "tiles": tiles, "batch": batch, "max_in_flight": max_in_flight,
-                              "encoder": encoder}
+                              "encoder": encoder, "precision": precision}
     with tempfile.TemporaryDirectory(prefix="rsseg-bench-") as tmp:
-        onnx_path = export_onnx(model, spec, Path(tmp) / "model.onnx")
-        logits = onnxruntime_logits(onnx_path, spec)
+        fp32 = export_onnx(model, spec, Path(tmp) / "model.onnx")
+        files = [("", fp32)]
+        if precision == "int8":
+            files.append(("int8_", quantize_int8(fp32, Path(tmp) / "int8.onnx", raw, spec.dataset)))
+        elif precision == "fp16":
+            files.append(("fp16_", convert_fp16(fp32, Path(tmp) / "fp16.onnx")))
+        for prefix, onnx_path in files:
+            result.update({prefix + k: v for k, v in _measure(Path(tmp) / f"{prefix}served", spec, onnx_path,
+                                                               batches, tiles, batch, max_in_flight).items()})
+            result[prefix + "onnx_mb"] = onnx_path.stat().st_size / 1e6
+    if precision != "fp32":
+        for key in ("onnxruntime_tiles_per_s", "triton_tiles_per_s"):
+            result[f"{precision}_{key}_vs_fp32"] = result[f"{precision}_{key}"] / result[key]
+        result[f"{precision}_triton_vs_fp32_onnxruntime"] = (result[f"{precision}_triton_tiles_per_s"]
+                                                             / result["onnxruntime_tiles_per_s"])
+    return {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}
 
-        def ort_batch(tiles_hwc: np.ndarray) -> np.ndarray:
-            return logits(tiles_hwc).argmax(axis=1).astype(np.uint8)
 
-        ort_batch(batches[0])  # warm-up
-        start = time.perf_counter()
-        for b in batches:
-            ort_batch(b)
-        result["onnxruntime_tiles_per_s"] = tiles / (time.perf_counter() - start)
+def _measure(tmp: Path, spec: Any, onnx_path: Path, batches: list[np.ndarray], tiles: int, batch: int,
+             max_in_flight: int) -> dict[str, float]:
+    """One ONNX file: tiles/s in process and through a real server, and their ratio."""
+    result: dict[str, float] = {}
+    tmp.mkdir()
+    logits = onnxruntime_logits(onnx_path, spec)
 
-        with served(Path(tmp), spec, onnx_path, batch * max_in_flight) as server:
-            with connect(server.grpc_url) as probe:
-                limit = served_spec(probe, BENCH_MODEL)["triton"]["max_message_bytes"]
-            with connect(server.grpc_url, limit) as client:
-                def request(b: np.ndarray) -> grpcclient.InferInput:
-                    tensor = grpcclient.InferInput(contract.TILES, list(b.shape), contract.wire_type(str(b.dtype)))
-                    tensor.set_data_from_numpy(b)
-                    return tensor
+    def ort_batch(tiles_hwc: np.ndarray) -> np.ndarray:
+        return logits(tiles_hwc).argmax(axis=1).astype(np.uint8)
 
-                # A segmentation client asks for the class map only.
-                client.infer(BENCH_MODEL, [request(batches[0])], outputs=[grpcclient.InferRequestedOutput(contract.CLASS_MAP)])
-                start = time.perf_counter()
-                _infer_in_flight(client, BENCH_MODEL, [request(b) for b in batches], max_in_flight)
-                result["triton_tiles_per_s"] = tiles / (time.perf_counter() - start)
+    ort_batch(batches[0])  # warm-up
+    start = time.perf_counter()
+    for b in batches:
+        ort_batch(b)
+    result["onnxruntime_tiles_per_s"] = tiles / (time.perf_counter() - start)
+
+    with served(tmp, spec, onnx_path, batch * max_in_flight) as server:
+        with connect(server.grpc_url) as probe:
+            limit = served_spec(probe, BENCH_MODEL)["triton"]["max_message_bytes"]
+        with connect(server.grpc_url, limit) as client:
+            def request(b: np.ndarray) -> grpcclient.InferInput:
+                tensor = grpcclient.InferInput(contract.TILES, list(b.shape), contract.wire_type(str(b.dtype)))
+                tensor.set_data_from_numpy(b)
+                return tensor
+
+            # A segmentation client asks for the class map only.
+            client.infer(BENCH_MODEL, [request(batches[0])],
+                         outputs=[grpcclient.InferRequestedOutput(contract.CLASS_MAP)])
+            start = time.perf_counter()
+            _infer_in_flight(client, BENCH_MODEL, [request(b) for b in batches], max_in_flight)
+            result["triton_tiles_per_s"] = tiles / (time.perf_counter() - start)
     result["ratio_triton_to_onnxruntime"] = result["triton_tiles_per_s"] / result["onnxruntime_tiles_per_s"]
-    megapixels = tile * tile / 1e6
+    megapixels = batches[0].shape[1] * batches[0].shape[2] / 1e6
     result["triton_megapixels_per_s"] = result["triton_tiles_per_s"] * megapixels
     result["onnxruntime_megapixels_per_s"] = result["onnxruntime_tiles_per_s"] * megapixels
-    return {k: round(v, 3) if isinstance(v, float) else v for k, v in result.items()}
+    return result
 
 
 def _infer_in_flight(client: Any, model: str, requests: list[Any], max_in_flight: int) -> None:

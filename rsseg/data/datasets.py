@@ -62,7 +62,10 @@ class PreparedData:
 
     def raw_tile(self, index: int) -> np.ndarray:
         """Tile `index` of tiles.csv as raw HWC pixels in model band order (both dates for change data)."""
-        tile = self.tiles.iloc[index]
+        return self.raw_window(self.tiles.iloc[index])
+
+    def raw_window(self, tile: Any) -> np.ndarray:
+        """A tile (a row of tiles.csv: scene, row, col, size) as raw HWC pixels in model band order."""
         scene = self.scenes.set_index("scene").loc[tile["scene"]]
         window = Window(int(tile["row"]), int(tile["col"]), int(tile["size"]), int(tile["size"]))
         images = [read_window(scene["image"], window, self.spec.bands)]
