@@ -206,7 +206,7 @@ class PrecisionOptions:
     calibration_tiles: int = _opt(64, "int8: training tiles that calibrate the activation ranges")
     calibration_method: str = _opt("minmax", "int8: activation range calibration",
                                    ("minmax", "entropy", "percentile"))
-    quantize_ops: str = _opt("Conv,MatMul,Gemm", "int8: operator types quantized (the rest stay fp32); empty: all "
+    quantize_ops: str = _opt("", "int8: operator types quantized, e.g. Conv,MatMul (the rest stay fp32); empty: all "
                              "that ONNX Runtime can")
 
 

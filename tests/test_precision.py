@@ -119,3 +119,31 @@ def test_unknown_precision_is_refused(tmp_path):
 
     with pytest.raises(ConfigError, match="precision 'int4'"):
         reduce_precision(PromoteConfig(precision="int4"), None, [Path("x.onnx")], tmp_path)  # type: ignore[arg-type]
+
+
+def test_folding_same_padding_into_the_convolution_is_exact(tmp_path):
+    import onnxruntime as ort
+    import torch
+
+    from rsseg.export.quantize import fold_pads
+
+    class SamePadded(torch.nn.Module):  # a TF "same" stride-2 conv, as the tf_* encoders export it
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 4, 3, stride=2)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.conv(torch.nn.functional.pad(x, (0, 1, 0, 1)))
+
+    torch.onnx.export(SamePadded().eval(), torch.zeros(1, 3, 32, 32), str(tmp_path / "m.onnx"), opset_version=17,
+                      input_names=["input"], dynamic_axes={"input": {0: "n", 2: "h", 3: "w"}}, dynamo=False)
+    options = ort.SessionOptions()  # constant folding turns the pad amounts into an initializer
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(tmp_path / "basic.onnx")
+    ort.InferenceSession(str(tmp_path / "m.onnx"), options, providers=["CPUExecutionProvider"])
+    assert fold_pads(tmp_path / "basic.onnx", tmp_path / "folded.onnx") == 1
+    assert "Pad" not in {n.op_type for n in onnx.load(str(tmp_path / "folded.onnx")).graph.node}
+    x = np.random.default_rng(0).normal(size=(2, 3, 64, 48)).astype(np.float32)
+    before, after = (ort.InferenceSession(str(tmp_path / f), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+                     for f in ("m.onnx", "folded.onnx"))
+    np.testing.assert_allclose(after, before, atol=1e-6)

@@ -39,12 +39,14 @@ class Recipe:
     quant_format: str = "qdq"
 
 
+CONV_ONLY = ("Conv", "MatMul", "Gemm")
 RECIPES = (
     Recipe("fp32", precision="fp32"),
-    Recipe("int8 QDQ, every op, minmax, 16 tiles (ORT default)", op_types=(), tiles=16),
-    Recipe("int8 QDQ, Conv/MatMul only, minmax, 64 tiles (promote default)"),
-    Recipe("int8 QDQ, Conv/MatMul only, percentile, 64 tiles", method="percentile"),
-    Recipe("int8 QOperator, Conv/MatMul only, minmax, 64 tiles", quant_format="qoperator"),
+    Recipe("int8 QDQ, every op, minmax, 64 tiles (promote default)"),
+    Recipe("int8 QDQ, every op, percentile, 64 tiles", method="percentile"),
+    Recipe("int8 QDQ, every op, minmax, 16 tiles", tiles=16),
+    Recipe("int8 QOperator, every op, minmax, 64 tiles", quant_format="qoperator"),
+    Recipe("int8 QDQ, Conv/MatMul only, minmax, 64 tiles", op_types=CONV_ONLY),
     Recipe("fp16 (GPU format; CPU provider)", precision="fp16"),
 )
 
@@ -55,13 +57,13 @@ def precision_table(name: str, budget: float, *, profile: bool = False, seconds:
     data = prepare_benchmark(name)
     result = train(benchmark_config(name, data.root, budget), data)
     spec = result.spec
-    rows = []
+    rows, made = [], {}
     with tempfile.TemporaryDirectory(prefix="rsseg-bench-precision-") as tmp:
         fp32 = export_onnx(result.model, spec, Path(tmp) / "fp32.onnx")
         speed_tiles = calibration_tiles(data, -1, 4, seed=1)  # real pixels, not calibration's
         speed_tiles = np.stack([_resized(t, 512) for t in speed_tiles])
         for i, recipe in enumerate(RECIPES):
-            path = _make(recipe, fp32, Path(tmp) / f"r{i}.onnx", data, spec)
+            path = made[recipe.label] = _make(recipe, fp32, Path(tmp) / f"r{i}.onnx", data, spec)
             model = OnnxModel(path, spec)
             metric = served_metrics(model, data).get(spec.dataset.headline_metric, float("nan"))
             rows.append({"recipe": recipe.label, "mb": round(path.stat().st_size / 1e6, 2),
@@ -70,9 +72,8 @@ def precision_table(name: str, budget: float, *, profile: bool = False, seconds:
             log.info("%s", json.dumps(rows[-1]))
         profiles = {}
         if profile:
-            for recipe in RECIPES[:3]:
-                path = Path(tmp) / f"r{RECIPES.index(recipe)}.onnx"
-                profiles[recipe.label] = operator_profile(path, spec, speed_tiles)
+            for recipe in RECIPES[:2]:
+                profiles[recipe.label] = operator_profile(made[recipe.label], spec, speed_tiles)
     base = rows[0]
     for row in rows:
         row["size_ratio"] = round(base["mb"] / row["mb"], 2)

@@ -4,13 +4,14 @@ Both take an exported fp32 file (rsseg.export.onnx: normalised float32 NCHW in, 
 that keeps that interface (the served preprocessing and postprocessing do not change) and the model spec
 in its metadata.
 
-- int8: the graph is optimised first (ONNX Runtime's quantization pre-processing: shape inference and
-  graph fusions such as Conv+BatchNorm), then quantized statically in QDQ form, weights per channel
-  (int8), activations uint8, their ranges calibrated on real tiles (`calibration_tiles`: the version's
-  training split through its manifest, normalised as in training) with `method` (minmax, entropy or
-  percentile). `op_types` limits what is quantized: by default only convolutions and matrix products,
-  which hold the compute, while element-wise paths (squeeze-excitation gates, sigmoid, hard-swish, the
-  decoder's additions) stay in fp32 where int8 rounding costs most accuracy for little speed.
+- int8: the graph is optimised first (ONNX Runtime's quantization pre-processing: shape inference,
+  constant folding and fusions such as Conv+BatchNorm; then the TF-"same" padding of the tf_* encoders,
+  explicit Pad nodes ONNX Runtime does not fuse, is folded into the convolutions' own pads: exact), then
+  quantized statically in QDQ form, weights per channel (int8), activations uint8, their ranges
+  calibrated on real tiles (`calibration_tiles`: the version's training split through its manifest,
+  normalised as in training) with `method` (minmax, entropy or percentile). `op_types` limits what is
+  quantized (default: everything ONNX Runtime can; quantizing only Conv/MatMul left the Q/DQ pairs around
+  the fp32 element-wise ops and ran slower than fp32, README).
 - fp16: onnxruntime.transformers.float16 with inputs and outputs kept in fp32 (the served tensors do not
   change); for GPU instances. ONNX Runtime's CPU provider runs it too (slowly), which the tests use.
 
@@ -28,6 +29,7 @@ from typing import Any
 
 import numpy as np
 import onnx
+from onnx import numpy_helper
 
 from rsseg.data.datasets import PreparedData
 from rsseg.data.transforms import normalize
@@ -39,7 +41,7 @@ log = logging.getLogger(__name__)
 
 PRECISIONS = ("fp32", "int8", "fp16")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
-DEFAULT_OP_TYPES = ("Conv", "MatMul", "Gemm")
+DEFAULT_OP_TYPES: tuple[str, ...] = ()  # every operator ONNX Runtime can quantize (measured best: README)
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,7 @@ def quantize_int8(fp32: str | Path, out: str | Path, tiles: np.ndarray, dataset:
         prepared = Path(tmp) / "prepared.onnx"
         try:
             quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
+            fold_pads(prepared, prepared)
             quantize_static(str(prepared), str(Path(tmp) / "int8.onnx"), Tiles(), quant_format=formats[quant_format],
                             per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method=methods[method], op_types_to_quantize=list(op_types) or None,
@@ -140,6 +143,46 @@ def quantize_int8(fp32: str | Path, out: str | Path, tiles: np.ndarray, dataset:
                                                                     "rsseg.calibration_method": method,
                                                                     "rsseg.calibration_tiles": str(len(tiles)),
                                                                     "rsseg.quant_format": quant_format})
+
+
+def fold_pads(source: str | Path, out: str | Path) -> int:
+    """Fold each constant zero Pad whose only consumer is a Conv into that Conv's `pads` (ONNX Conv pads
+    may be asymmetric; PyTorch's conv cannot say so, hence the Pad); returns how many were folded. Pads
+    whose amounts are not initializers (run ONNX Runtime's constant folding first) are left alone."""
+    model = onnx.load(str(source))
+    graph = model.graph
+    initializers = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    consumers: dict[str, list[Any]] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    outputs = {o.name for o in graph.output}
+    folded = []
+    for pad in (n for n in graph.node if n.op_type == "Pad"):
+        mode = next((a.s for a in pad.attribute if a.name == "mode"), b"constant")
+        amounts = initializers.get(pad.input[1]) if len(pad.input) > 1 else None
+        value = initializers.get(pad.input[2]) if len(pad.input) > 2 and pad.input[2] else np.zeros(1)
+        users = consumers.get(pad.output[0], [])
+        if (mode != b"constant" or amounts is None or value is None or np.any(value != 0) or len(pad.input) > 3
+                or len(users) != 1 or users[0].op_type != "Conv" or pad.output[0] in outputs):
+            continue
+        begin, end = amounts.tolist()[:4], amounts.tolist()[4:]  # N, C, H, W
+        conv = users[0]
+        if begin[:2] != [0, 0] or end[:2] != [0, 0] or any(a.name == "auto_pad" and a.s not in (b"", b"NOTSET")
+                                                            for a in conv.attribute):
+            continue
+        attribute = next((a for a in conv.attribute if a.name == "pads"), None)
+        top, left, bottom, right = list(attribute.ints) if attribute is not None else [0, 0, 0, 0]
+        if attribute is not None:
+            conv.attribute.remove(attribute)
+        conv.attribute.append(onnx.helper.make_attribute(
+            "pads", [top + begin[2], left + begin[3], bottom + end[2], right + end[3]]))
+        conv.input[0] = pad.input[0]
+        folded.append(pad)
+    for pad in folded:
+        graph.node.remove(pad)
+    onnx.save(model, str(out))
+    return len(folded)
 
 
 def convert_fp16(fp32: str | Path, out: str | Path) -> Path:
