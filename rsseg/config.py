@@ -208,6 +208,8 @@ class PrecisionOptions:
                                    ("minmax", "entropy", "percentile"))
     quantize_ops: str = _opt("", "int8: operator types quantized, e.g. Conv,MatMul (the rest stay fp32); empty: all "
                              "that ONNX Runtime can")
+    quant_format: str = _opt("qoperator", "int8 graph form: qoperator (QLinearConv and friends: the smaller file) or "
+                             "qdq (Quantize/DequantizeLinear pairs)", ("qoperator", "qdq"))
 
 
 @dataclass

@@ -444,7 +444,7 @@ def log_promotion(summary: dict[str, Any], history: Path) -> str:
     for key in ("fp32_metric", "metric_value", "metric_drop", "fp32_bytes", "bytes", "size_ratio"):
         if _finite(precision.get(key)):
             client.log_metric(run_id, f"precision_{key}", float(precision[key]))
-    for key in ("calibration_tiles", "calibration_method", "quantized_ops", "max_metric_drop"):
+    for key in ("calibration_tiles", "calibration_method", "quantized_ops", "quant_format", "max_metric_drop"):
         if key in precision:
             client.log_param(run_id, key, _param(precision[key]))
     client.log_dict(run_id, summary, "promotion.json")

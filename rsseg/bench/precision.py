@@ -36,17 +36,17 @@ class Recipe:
     op_types: tuple[str, ...] = DEFAULT_OP_TYPES
     method: str = "minmax"
     tiles: int = 64
-    quant_format: str = "qdq"
+    quant_format: str = "qoperator"
 
 
 CONV_ONLY = ("Conv", "MatMul", "Gemm")
 RECIPES = (
     Recipe("fp32", precision="fp32"),
-    Recipe("int8 QDQ, every op, minmax, 64 tiles (promote default)"),
-    Recipe("int8 QDQ, every op, percentile, 64 tiles", method="percentile"),
-    Recipe("int8 QDQ, every op, minmax, 16 tiles", tiles=16),
-    Recipe("int8 QOperator, every op, minmax, 64 tiles", quant_format="qoperator"),
-    Recipe("int8 QDQ, Conv/MatMul only, minmax, 64 tiles", op_types=CONV_ONLY),
+    Recipe("int8 QOperator, every op, minmax, 64 tiles (promote default)"),
+    Recipe("int8 QDQ, every op, minmax, 64 tiles", quant_format="qdq"),
+    Recipe("int8 QOperator, every op, percentile, 64 tiles", method="percentile"),
+    Recipe("int8 QOperator, every op, minmax, 16 tiles", tiles=16),
+    Recipe("int8 QOperator, Conv/MatMul only, minmax, 64 tiles", op_types=CONV_ONLY),
     Recipe("fp16 (GPU format; CPU provider)", precision="fp16"),
 )
 

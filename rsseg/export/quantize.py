@@ -6,8 +6,10 @@ in its metadata.
 
 - int8: the graph is optimised first (ONNX Runtime's quantization pre-processing: shape inference,
   constant folding and fusions such as Conv+BatchNorm; then the TF-"same" padding of the tf_* encoders,
-  explicit Pad nodes ONNX Runtime does not fuse, is folded into the convolutions' own pads: exact), then
-  quantized statically in QDQ form, weights per channel (int8), activations uint8, their ranges
+  explicit Pad nodes ONNX Runtime does not fuse, is folded into the convolutions' own pads, and ReduceMean
+  over H and W becomes GlobalAveragePool: both exact), then quantized statically (QOperator form by
+  default: QLinearConv and friends, the smaller file; or QDQ pairs), weights per channel (int8),
+  activations uint8, their ranges
   calibrated on real tiles (`calibration_tiles`: the version's training split through its manifest,
   normalised as in training) with `method` (minmax, entropy or percentile). `op_types` limits what is
   quantized (default: everything ONNX Runtime can; quantizing only Conv/MatMul left the Q/DQ pairs around
@@ -52,6 +54,7 @@ class PrecisionRecipe:
     calibration_tiles: int = 64
     calibration_method: str = "minmax"
     op_types: tuple[str, ...] = DEFAULT_OP_TYPES
+    quant_format: str = "qoperator"
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
@@ -61,13 +64,13 @@ class PrecisionRecipe:
     def from_config(cls, config: Any) -> PrecisionRecipe:
         """From a config with precision, calibration_tiles, calibration_method and quantize_ops."""
         ops = tuple(op.strip() for op in config.quantize_ops.split(",") if op.strip())
-        return cls(config.precision, config.calibration_tiles, config.calibration_method, ops)
+        return cls(config.precision, config.calibration_tiles, config.calibration_method, ops, config.quant_format)
 
     def record(self) -> dict[str, Any]:
         if self.precision != "int8":
             return {"precision": self.precision}
         return {"precision": "int8", "calibration_method": self.calibration_method,
-                "quantized_ops": ",".join(self.op_types) or "all"}
+                "quantized_ops": ",".join(self.op_types) or "all", "quant_format": self.quant_format}
 
 
 def reduce_files(recipe: PrecisionRecipe, files: Sequence[Path], folder: Path, dataset: DatasetSpec,
@@ -82,7 +85,7 @@ def reduce_files(recipe: PrecisionRecipe, files: Sequence[Path], folder: Path, d
         raise ConfigError("int8 needs the model's training data to calibrate on; it is not here")
     tiles = calibration_tiles(data, fold, recipe.calibration_tiles)
     return [quantize_int8(path, folder / f"int8-{path.name}", tiles, dataset, method=recipe.calibration_method,
-                          op_types=recipe.op_types) for path in files]
+                          op_types=recipe.op_types, quant_format=recipe.quant_format) for path in files]
 
 
 def calibration_tiles(data: PreparedData, fold: int, count: int, seed: int = 0) -> np.ndarray:
@@ -95,7 +98,7 @@ def calibration_tiles(data: PreparedData, fold: int, count: int, seed: int = 0) 
 
 def quantize_int8(fp32: str | Path, out: str | Path, tiles: np.ndarray, dataset: DatasetSpec, *,
                   method: str = "minmax", op_types: Sequence[str] = DEFAULT_OP_TYPES, batch: int = 4,
-                  quant_format: str = "qdq") -> Path:
+                  quant_format: str = "qoperator") -> Path:
     """`fp32` quantized to int8 at `out`, calibrated on `tiles` (raw HWC, normalised here as in training).
     `quant_format`: qdq (Quantize/DequantizeLinear pairs ONNX Runtime fuses into int8 kernels) or qoperator
     (QLinearConv and friends)."""
@@ -133,6 +136,7 @@ def quantize_int8(fp32: str | Path, out: str | Path, tiles: np.ndarray, dataset:
         try:
             quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
             fold_pads(prepared, prepared)
+            global_pools(prepared, prepared)
             quantize_static(str(prepared), str(Path(tmp) / "int8.onnx"), Tiles(), quant_format=formats[quant_format],
                             per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method=methods[method], op_types_to_quantize=list(op_types) or None,
@@ -183,6 +187,32 @@ def fold_pads(source: str | Path, out: str | Path) -> int:
         graph.node.remove(pad)
     onnx.save(model, str(out))
     return len(folded)
+
+
+def global_pools(source: str | Path, out: str | Path) -> int:
+    """Turn each ReduceMean over H and W (keepdims) of a 4-D tensor into GlobalAveragePool, the same
+    operation, which ONNX Runtime runs on int8 (QLinearGlobalAveragePool) where ReduceMean would need the
+    whole map dequantized (the SCSE blocks' channel squeeze); returns how many were turned."""
+    model = onnx.load(str(source))
+    graph = model.graph
+    initializers = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
+    turned = 0
+    for node in graph.node:
+        if node.op_type != "ReduceMean":
+            continue
+        attributes = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        axes = attributes.get("axes")
+        if axes is None and len(node.input) > 1:
+            axes = initializers.get(node.input[1])
+        if axes is None or sorted(int(a) for a in np.asarray(axes).ravel()) not in ([2, 3], [-2, -1]) \
+                or attributes.get("keepdims", 1) != 1 or attributes.get("noop_with_empty_axes", 0):
+            continue
+        node.op_type = "GlobalAveragePool"
+        del node.input[1:]
+        del node.attribute[:]
+        turned += 1
+    onnx.save(model, str(out))
+    return turned
 
 
 def convert_fp16(fp32: str | Path, out: str | Path) -> Path:
