@@ -213,3 +213,17 @@ def test_second_pseudo_labels_fill_unchanged_areas_and_train(change_prepared, ml
                 np.testing.assert_array_equal(after[name][changed], before[name][changed])
     result = train(tiny_config(out, tmp_path / "s", epochs=1), data)  # trains like any SECOND dataset
     assert result.history
+
+
+def test_the_pseudo_label_benchmark_tables_name_every_student():
+    from rsseg.bench.pseudo import SECOND_STUDENTS, STUDENTS, format_pseudo_table, format_second_table
+
+    common = {"dataset": "d", "metric": "miou", "pseudo_kept_share": 0.5, "threshold": 0.9, "teacher": 0.6,
+              "teacher_encoder": "e", "teacher_budget_s": 300}
+    table = format_pseudo_table([{**common, "labelled_scenes": 3, "unlabelled_scenes": 6,
+                                  **{s: 0.1 * i for i, s in enumerate(STUDENTS)}}])
+    header, rule, row = table.splitlines()
+    assert header.count("|") == rule.count("|") == row.count("|") == len(STUDENTS) + 4
+    assert "3 / 6 (kept 50% at 0.9)" in row and row.endswith("| 0.400 |")
+    second = format_second_table([{**common, "pairs": 7, **{s: 0.2 for s in SECOND_STUDENTS}}])
+    assert second.splitlines()[2].count("|") == len(SECOND_STUDENTS) + 4

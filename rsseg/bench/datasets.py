@@ -4,6 +4,9 @@ trivial baselines a model must beat on it."""
 from __future__ import annotations
 
 import logging
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,6 +63,20 @@ def benchmark_config(name: str, data: Path, budget: float, **overrides: Any) -> 
     values = {"data": str(data), "epochs": 100_000, "restart_epochs": 200, "time_budget": budget, "register": False,
               **RECIPES[name].train, **overrides}
     return TrainConfig(**values)
+
+
+@contextmanager
+def throwaway_store(folder: Path) -> Iterator[None]:
+    """MLflow tracking in a SQLite store inside `folder` for the duration (the benchmarks' evaluations and
+    pseudo-labellings log runs; they must not land in the user's store), then the previous URI again."""
+    import mlflow
+
+    previous = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(f"sqlite:///{folder / 'mlflow.db'}")
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(previous)
 
 
 def baselines(result: TrainResult) -> dict[str, float]:

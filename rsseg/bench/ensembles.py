@@ -8,7 +8,6 @@ MLflow store. Beside them: the in-process ONNX Runtime tiles/s of the ensemble a
 from __future__ import annotations
 
 import logging
-import os
 import tempfile
 import time
 from dataclasses import replace
@@ -17,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from rsseg.bench.datasets import benchmark_config, prepare_benchmark
+from rsseg.bench.datasets import benchmark_config, prepare_benchmark, throwaway_store
 from rsseg.config import EvaluateConfig
 from rsseg.evaluation import OnnxModel
 from rsseg.export.onnx import export_onnx
@@ -30,7 +29,6 @@ log = logging.getLogger(__name__)
 
 def ensemble_row(name: str, budget: float, cycles: int = 3) -> dict[str, Any]:
     """Single model vs snapshot ensemble on one benchmark dataset, the same training budget each."""
-    import mlflow
 
     logging.getLogger("rsseg.client").setLevel(logging.WARNING)
     data = prepare_benchmark(name)
@@ -39,16 +37,12 @@ def ensemble_row(name: str, budget: float, cycles: int = 3) -> dict[str, Any]:
     snapshots = train(replace(config, snapshots=True, cycles=cycles), data)
     members = [(shot["model"], snapshots.spec) for shot in snapshots.snapshots]
     with tempfile.TemporaryDirectory(prefix="rsseg-bench-ensembles-") as tmp:
-        previous = os.environ.get("MLFLOW_TRACKING_URI")
-        mlflow.set_tracking_uri(f"sqlite:///{Path(tmp) / 'mlflow.db'}")
-        try:
+        with throwaway_store(Path(tmp)):
             score = {label: _headline(evaluate_loaded(models, EvaluateConfig(model=label, data=str(data.root),
                                                                               tag=False)))
                      for label, models in (("single", [(single.model, single.spec)]),
                                            ("last snapshot", members[-1:]),
                                            (f"{len(members)}-snapshot ensemble", members))}
-        finally:
-            mlflow.set_tracking_uri(previous)
         rates = _tiles_per_s(members, Path(tmp))
     return {"dataset": name, "budget_s": budget, "metric": single.spec.dataset.headline_metric, "cycles": cycles,
             "single": score["single"], "last_snapshot": score["last snapshot"],

@@ -18,9 +18,9 @@ logged in a throwaway MLflow store."""
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import tempfile
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -28,7 +28,7 @@ from typing import Any
 import numpy as np
 import rasterio
 
-from rsseg.bench.datasets import benchmark_config, prepare_benchmark
+from rsseg.bench.datasets import benchmark_config, prepare_benchmark, throwaway_store
 from rsseg.config import EvaluateConfig, PseudoLabelConfig
 from rsseg.data.datasets import PreparedData
 from rsseg.pseudo_labels import pseudo_label_loaded
@@ -68,17 +68,10 @@ def split_labelled(data: PreparedData, labelled_share: float, out: Path, seed: i
 def pseudo_row(name: str, budget: float, teacher_budget: float, labelled_share: float = 1 / 3,
                threshold: float = 0.9) -> dict[str, Any]:
     """The five students (STUDENTS) and the teacher on one benchmark dataset."""
-    import mlflow
-
     logging.getLogger("rsseg.client").setLevel(logging.WARNING)
     data = prepare_benchmark(name)
-    with tempfile.TemporaryDirectory(prefix="rsseg-bench-pseudo-") as tmp:
-        previous = os.environ.get("MLFLOW_TRACKING_URI")
-        mlflow.set_tracking_uri(f"sqlite:///{Path(tmp) / 'mlflow.db'}")
-        try:
-            return _row(name, data, Path(tmp), budget, teacher_budget, labelled_share, threshold)
-        finally:
-            mlflow.set_tracking_uri(previous)
+    with tempfile.TemporaryDirectory(prefix="rsseg-bench-pseudo-") as tmp, throwaway_store(Path(tmp)):
+        return _row(name, data, Path(tmp), budget, teacher_budget, labelled_share, threshold)
 
 
 def _row(name: str, data: PreparedData, tmp: Path, budget: float, teacher_budget: float, labelled_share: float,
@@ -128,8 +121,6 @@ def levir_as_second(source: Path, out: Path) -> Path:
 
 def second_row(budget: float, teacher_budget: float, threshold: float = 0.9) -> dict[str, Any]:
     """SECOND_STUDENTS and the teacher on LEVIR-CD made SECOND-style."""
-    import mlflow
-
     from rsseg.bench.datasets import RECIPES, SHARED_DATA
     from rsseg.data.prepare import prepare_dataset
 
@@ -139,9 +130,7 @@ def second_row(budget: float, teacher_budget: float, threshold: float = 0.9) -> 
         prepare_dataset(source, Path(tmp) / "prepared", layout="second", classes=SECOND_CLASSES, tile_size=256,
                         overlap=0, val_fraction=0.4, name="levir-second", progress=False)
         data = PreparedData.load(Path(tmp) / "prepared")
-        previous = os.environ.get("MLFLOW_TRACKING_URI")
-        mlflow.set_tracking_uri(f"sqlite:///{Path(tmp) / 'mlflow.db'}")
-        try:
+        with throwaway_store(Path(tmp)):
             config = benchmark_config("levir", data.root, budget)
             teacher = train(replace(config, time_budget=teacher_budget, encoder=TEACHER_ENCODER), data)
             members = [(teacher.model, teacher.spec)]
@@ -157,8 +146,6 @@ def second_row(budget: float, teacher_budget: float, threshold: float = 0.9) -> 
                 SECOND_STUDENTS[2]: train(config, data, teacher=members[0]),
             }
             scores = {label: _score(result, data.root) for label, result in [("teacher", teacher), *students.items()]}
-        finally:
-            mlflow.set_tracking_uri(previous)
     kept = sum(pseudo["kept_pixels"].values()) / max(1, sum(pseudo["predicted_pixels"].values()))
     return {"dataset": "levir-second", "metric": teacher.spec.dataset.headline_metric, "budget_s": budget,
             "teacher_budget_s": teacher_budget, "teacher_encoder": TEACHER_ENCODER, "pairs": len(data.scenes),
@@ -171,22 +158,20 @@ def _score(result: Any, data: Path) -> float:
 
 
 def format_pseudo_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| dataset (metric) | labelled / unlabelled scenes | teacher | " + " | ".join(STUDENTS) + " |",
-             "|---" * (3 + len(STUDENTS)) + "|"]
-    for r in rows:
-        lines.append(f"| {r['dataset']} ({r['metric']}) | {r['labelled_scenes']} / {r['unlabelled_scenes']} "
-                     f"(kept {r['pseudo_kept_share']:.0%} at {r['threshold']}) | {r['teacher']:.3f} "
-                     f"({r['teacher_encoder']}, {r['teacher_budget_s']:.0f} s) | "
-                     + " | ".join(f"{r[s]:.3f}" for s in STUDENTS) + " |")
-    return "\n".join(lines)
+    return _table(rows, "labelled / unlabelled scenes", STUDENTS,
+                  lambda r: f"{r['labelled_scenes']} / {r['unlabelled_scenes']} (kept")
 
 
 def format_second_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["| dataset (metric) | pairs | teacher | " + " | ".join(SECOND_STUDENTS) + " |",
-             "|---" * (3 + len(SECOND_STUDENTS)) + "|"]
+    return _table(rows, "pairs", SECOND_STUDENTS, lambda r: f"{r['pairs']} (unchanged pixels kept")
+
+
+def _table(rows: list[dict[str, Any]], data_column: str, students: Sequence[str],
+           data_cell: Callable[[dict[str, Any]], str]) -> str:
+    lines = [f"| dataset (metric) | {data_column} | teacher | " + " | ".join(students) + " |",
+             "|---" * (3 + len(students)) + "|"]
     for r in rows:
-        lines.append(f"| {r['dataset']} ({r['metric']}) | {r['pairs']} (unchanged pixels kept "
-                     f"{r['pseudo_kept_share']:.0%} at {r['threshold']}) | {r['teacher']:.3f} "
-                     f"({r['teacher_encoder']}, {r['teacher_budget_s']:.0f} s) | "
-                     + " | ".join(f"{r[s]:.3f}" for s in SECOND_STUDENTS) + " |")
+        teacher = f"{r['teacher']:.3f} ({r['teacher_encoder']}, {r['teacher_budget_s']:.0f} s)"
+        lines.append(f"| {r['dataset']} ({r['metric']}) | {data_cell(r)} {r['pseudo_kept_share']:.0%} at "
+                     f"{r['threshold']}) | {teacher} | " + " | ".join(f"{r[s]:.3f}" for s in students) + " |")
     return "\n".join(lines)
