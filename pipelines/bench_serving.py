@@ -20,10 +20,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--encoder", default=DEFAULT_ENCODER)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "int8", "fp16"],
                         help="also measure the model at this precision (int8: promote's default recipe), same run")
+    parser.add_argument("--instances", type=int, default=1, help="model instances per served step")
     args = parser.parse_args(argv)
     print(json.dumps(serving_benchmark(tile=args.tile, tiles=args.tiles, batch=args.batch,
                                        max_in_flight=args.max_in_flight, encoder=args.encoder,
-                                       precision=args.precision)), flush=True)
+                                       precision=args.precision, instances=args.instances)), flush=True)
     return 0
 
 

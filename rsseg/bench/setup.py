@@ -39,11 +39,12 @@ def onnxruntime_logits(onnx_path: Path, spec: ModelSpec) -> Callable[[np.ndarray
 
 
 @contextmanager
-def served(tmp: Path, spec: ModelSpec, onnx_path: Path, max_batch_size: int) -> Iterator[TritonServer]:
+def served(tmp: Path, spec: ModelSpec, onnx_path: Path, max_batch_size: int, instances: int = 1
+           ) -> Iterator[TritonServer]:
     """A repository staged under `tmp` holding BENCH_MODEL, served by tritonserver on loopback."""
     repo = tmp / "repo"
-    stage_promotion(tmp / "none", repo, BENCH_MODEL, spec, onnx_path, ServingOptions(max_batch_size=max_batch_size),
-                    {"benchmark": True})
+    stage_promotion(tmp / "none", repo, BENCH_MODEL, spec, onnx_path,
+                    ServingOptions(max_batch_size=max_batch_size, instances=instances), {"benchmark": True})
     with TritonServer(repo) as server:
         server.wait_model_ready(BENCH_MODEL)
         yield server
