@@ -272,6 +272,7 @@ class PromoteConfig(PrecisionOptions):
     repo: str = _opt("triton_repo", "Triton model repository to write into")
     instance_kind: str = _opt("auto", "Triton instance kind for preprocess and segmenter", ("auto", "cpu", "gpu"))
     max_batch_size: int = _opt(8, "Triton max batch size of every model in the ensemble")
+    intra_op_threads: int = _opt(0, "the served segmenter's ONNX Runtime intra-op threads (0: ONNX Runtime's default)")
     tta: str = _opt("none", "test-time augmentation served by default (none, flips, d4)", ("none", "flips", "d4"))
     opset: int = _opt(17, "ONNX opset (>= 17)")
     atol: float = _opt(1e-3, "largest ONNX Runtime vs PyTorch logit difference accepted")

@@ -160,7 +160,8 @@ def choose_ensemble(config: PromoteConfig) -> tuple[Candidate, Candidate | None,
 def promote(config: PromoteConfig) -> dict[str, Any]:
     name = config.model_name
     options = ServingOptions(instance_kind=_instance_kind(config.instance_kind),
-                             max_batch_size=config.max_batch_size, tta=config.tta)
+                             max_batch_size=config.max_batch_size, tta=config.tta,
+                             intra_op_threads=config.intra_op_threads)
     if config.ensemble and config.ensemble_top:
         raise ConfigError("give ensemble=3,5,7 or ensemble_top=K, not both")
     with RepositoryChange(config.repo) as change:

@@ -16,6 +16,7 @@ from tritonclient.grpc import model_config_pb2
 
 from rsseg import averaging, contract, heads
 from rsseg.data.transforms import normalize
+from rsseg.errors import ConfigError
 from rsseg.inference import class_maps as torch_class_maps
 from rsseg.serving.repository import (
     MODELS_DIR,
@@ -243,3 +244,12 @@ def test_gpu_instances_are_chosen_by_configuration():
     assert configs["m-preprocess"]["instance_group"][0]["kind"] == "KIND_GPU"
     assert configs["m-segmenter"]["instance_group"][0]["kind"] == "KIND_GPU"
     assert configs["m-postprocess"]["instance_group"][0]["kind"] == "KIND_CPU"
+
+
+def test_segmenter_threads_are_chosen_by_configuration():
+    configs = {n: parse(t) for n, t in model_configs("m", model_spec(), 1, ServingOptions(intra_op_threads=2)).items()}
+    assert configs["m-segmenter"]["parameters"]["intra_op_threads"]["string_value"] == "2"
+    default = parse(model_configs("m", model_spec(), 1, ServingOptions())["m-segmenter"])
+    assert default["parameters"]["intra_op_threads"]["string_value"] == "0"  # ONNX Runtime's own choice
+    with pytest.raises(ConfigError, match="intra-op threads"):
+        ServingOptions(intra_op_threads=-1)

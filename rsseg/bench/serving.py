@@ -21,17 +21,20 @@ from rsseg.spec import DEFAULT_ENCODER
 
 
 def serving_benchmark(*, tile: int = 512, tiles: int = 16, batch: int = 4, max_in_flight: int = 2,
-                      encoder: str = DEFAULT_ENCODER, precision: str = "fp32", instances: int = 1) -> dict[str, Any]:
+                      encoder: str = DEFAULT_ENCODER, precision: str = "fp32", instances: int = 1,
+                      intra_op_threads: int = 0) -> dict[str, Any]:
     """Tiles/s of the seed UNet through the Triton ensemble (gRPC) and through ONNX Runtime in one
     process, on the same raw tiles, doing the same work (normalise, model, argmax). With `precision`
     int8 or fp16 the reduced file is measured the same way too (keys prefixed `<precision>_`), in the same
     run as fp32 (int8 calibrated on the benchmark tiles: speed does not depend on the ranges). `instances`:
-    model instances per step in the served repository."""
+    model instances per step in the served repository; `intra_op_threads`: the served segmenter's ONNX Runtime
+    threads (0: its default)."""
     model, spec = random_model(tile, encoder)
     raw = np.stack([sample_tile(spec, tile, seed=i) for i in range(tiles)])
     batches = [raw[i : i + batch] for i in range(0, tiles, batch)]
     result: dict[str, Any] = {"tile": tile, "tiles": tiles, "batch": batch, "max_in_flight": max_in_flight,
-                              "encoder": encoder, "precision": precision, "instances": instances}
+                              "encoder": encoder, "precision": precision, "instances": instances,
+                              "intra_op_threads": intra_op_threads}
     with tempfile.TemporaryDirectory(prefix="rsseg-bench-") as tmp:
         fp32 = export_onnx(model, spec, Path(tmp) / "model.onnx")
         files = [("", fp32)]
@@ -42,7 +45,7 @@ def serving_benchmark(*, tile: int = 512, tiles: int = 16, batch: int = 4, max_i
         for prefix, onnx_path in files:
             result.update({prefix + k: v for k, v in _measure(Path(tmp) / f"{prefix}served", spec, onnx_path,
                                                                batches, tiles, batch, max_in_flight,
-                                                               instances).items()})
+                                                               instances, intra_op_threads).items()})
             result[prefix + "onnx_mb"] = onnx_path.stat().st_size / 1e6
     if precision != "fp32":
         for key in ("onnxruntime_tiles_per_s", "triton_tiles_per_s"):
@@ -53,7 +56,7 @@ def serving_benchmark(*, tile: int = 512, tiles: int = 16, batch: int = 4, max_i
 
 
 def _measure(tmp: Path, spec: Any, onnx_path: Path, batches: list[np.ndarray], tiles: int, batch: int,
-             max_in_flight: int, instances: int = 1) -> dict[str, float]:
+             max_in_flight: int, instances: int = 1, intra_op_threads: int = 0) -> dict[str, float]:
     """One ONNX file: tiles/s in process and through a real server, and their ratio."""
     result: dict[str, float] = {}
     tmp.mkdir()
@@ -68,7 +71,7 @@ def _measure(tmp: Path, spec: Any, onnx_path: Path, batches: list[np.ndarray], t
         ort_batch(b)
     result["onnxruntime_tiles_per_s"] = tiles / (time.perf_counter() - start)
 
-    with served(tmp, spec, onnx_path, batch * max_in_flight, instances) as server:
+    with served(tmp, spec, onnx_path, batch * max_in_flight, instances, intra_op_threads) as server:
         with connect(server.grpc_url) as probe:
             limit = served_spec(probe, BENCH_MODEL)["triton"]["max_message_bytes"]
         with connect(server.grpc_url, limit) as client:

@@ -39,12 +39,13 @@ def onnxruntime_logits(onnx_path: Path, spec: ModelSpec) -> Callable[[np.ndarray
 
 
 @contextmanager
-def served(tmp: Path, spec: ModelSpec, onnx_path: Path, max_batch_size: int, instances: int = 1
-           ) -> Iterator[TritonServer]:
+def served(tmp: Path, spec: ModelSpec, onnx_path: Path, max_batch_size: int, instances: int = 1,
+           intra_op_threads: int = 0) -> Iterator[TritonServer]:
     """A repository staged under `tmp` holding BENCH_MODEL, served by tritonserver on loopback."""
     repo = tmp / "repo"
     stage_promotion(tmp / "none", repo, BENCH_MODEL, spec, onnx_path,
-                    ServingOptions(max_batch_size=max_batch_size, instances=instances), {"benchmark": True})
+                    ServingOptions(max_batch_size=max_batch_size, instances=instances,
+                                   intra_op_threads=intra_op_threads), {"benchmark": True})
     with TritonServer(repo) as server:
         server.wait_model_ready(BENCH_MODEL)
         yield server

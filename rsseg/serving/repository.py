@@ -47,12 +47,15 @@ class ServingOptions:
     instances: int = 1
     tta: str = "none"
     queue_delay_us: int = 2000
+    intra_op_threads: int = 0  # the segmenter's ONNX Runtime intra-op threads (0: ONNX Runtime's default)
 
     def __post_init__(self) -> None:
         if self.instance_kind not in ("cpu", "gpu"):
             raise ConfigError(f"instance kind must be cpu or gpu, got {self.instance_kind!r}")
         if self.max_batch_size < 1:
             raise ConfigError(f"max batch size must be at least 1, got {self.max_batch_size}")
+        if self.intra_op_threads < 0:
+            raise ConfigError(f"intra-op threads must be 0 (ONNX Runtime's default) or more, got {self.intra_op_threads}")
 
 
 step_names = contract.step_names
@@ -102,7 +105,8 @@ def model_configs(name: str, spec: ModelSpec, version: int, options: ServingOpti
         names["segmenter"]: _python_config(
             names["segmenter"], inputs=[(contract.NORMALISED, "TYPE_FP32", [channels, -1, -1])],
             outputs=[(contract.LOGITS, "TYPE_FP32", [classes, -1, -1])], kind=kind, count=options.instances,
-            parameters={"models": json.dumps(onnx_files(spec)), "tta": options.tta}, **common),
+            parameters={"models": json.dumps(onnx_files(spec)), "tta": options.tta,
+                        "intra_op_threads": str(options.intra_op_threads)}, **common),
         names["postprocess"]: _python_config(
             names["postprocess"], inputs=[(contract.LOGITS, "TYPE_FP32", [classes, -1, -1])],
             outputs=_output_tensors(groups, classes), kind="KIND_CPU",

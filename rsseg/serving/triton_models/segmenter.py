@@ -38,6 +38,9 @@ class TritonPythonModel:
                          "CPUExecutionProvider"]
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        threads = int(parameter(config, "intra_op_threads", "0"))
+        if threads > 0:
+            options.intra_op_num_threads = threads
         self.sessions = [ort.InferenceSession(os.path.join(folder, f), options, providers=providers)
                          for f in json.loads(parameter(config, "models", '["model.onnx"]'))]
         used = self.sessions[0].get_providers()
