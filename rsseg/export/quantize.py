@@ -135,8 +135,10 @@ def quantize_int8(fp32: str | Path, out: str | Path, tiles: np.ndarray, dataset:
         prepared = Path(tmp) / "prepared.onnx"
         try:
             quant_pre_process(str(fp32), str(prepared), skip_symbolic_shape=True)
-            fold_pads(prepared, prepared)
-            global_pools(prepared, prepared)
+            graph = onnx.load(str(prepared))
+            fold_pads(graph)
+            global_pools(graph)
+            onnx.save(graph, str(prepared))
             quantize_static(str(prepared), str(Path(tmp) / "int8.onnx"), Tiles(), quant_format=formats[quant_format],
                             per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                             calibrate_method=methods[method], op_types_to_quantize=list(op_types) or None,
@@ -149,11 +151,10 @@ def quantize_int8(fp32: str | Path, out: str | Path, tiles: np.ndarray, dataset:
                                                                     "rsseg.quant_format": quant_format})
 
 
-def fold_pads(source: str | Path, out: str | Path) -> int:
+def fold_pads(model: onnx.ModelProto) -> int:
     """Fold each constant zero Pad whose only consumer is a Conv into that Conv's `pads` (ONNX Conv pads
-    may be asymmetric; PyTorch's conv cannot say so, hence the Pad); returns how many were folded. Pads
-    whose amounts are not initializers (run ONNX Runtime's constant folding first) are left alone."""
-    model = onnx.load(str(source))
+    may be asymmetric; PyTorch's conv cannot say so, hence the Pad), in place; returns how many were folded.
+    Pads whose amounts are not initializers (run ONNX Runtime's constant folding first) are left alone."""
     graph = model.graph
     initializers = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     consumers: dict[str, list[Any]] = {}
@@ -185,15 +186,13 @@ def fold_pads(source: str | Path, out: str | Path) -> int:
         folded.append(pad)
     for pad in folded:
         graph.node.remove(pad)
-    onnx.save(model, str(out))
     return len(folded)
 
 
-def global_pools(source: str | Path, out: str | Path) -> int:
+def global_pools(model: onnx.ModelProto) -> int:
     """Turn each ReduceMean over H and W (keepdims) of a 4-D tensor into GlobalAveragePool, the same
     operation, which ONNX Runtime runs on int8 (QLinearGlobalAveragePool) where ReduceMean would need the
-    whole map dequantized (the SCSE blocks' channel squeeze); returns how many were turned."""
-    model = onnx.load(str(source))
+    whole map dequantized (the SCSE blocks' channel squeeze), in place; returns how many were turned."""
     graph = model.graph
     initializers = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     turned = 0
@@ -211,7 +210,6 @@ def global_pools(source: str | Path, out: str | Path) -> int:
         del node.input[1:]
         del node.attribute[:]
         turned += 1
-    onnx.save(model, str(out))
     return turned
 
 
