@@ -28,6 +28,7 @@ import pandas as pd
 from rsseg import tracking
 from rsseg.config import AuditConfig
 from rsseg.data.datasets import PreparedData
+from rsseg.data.exclusions import KEY as TILE_KEY
 from rsseg.data.raster import read_window
 from rsseg.data.tiling import Window
 from rsseg.errors import ConfigError
@@ -39,7 +40,6 @@ from rsseg.spec import ModelSpec, member_label
 
 log = logging.getLogger(__name__)
 
-TILE_KEY = ["scene", "row", "col", "size"]  # what names a tile in tiles.csv and in an exclusion list
 
 
 @dataclass
@@ -50,7 +50,10 @@ class WorstTiles:
     tiles: list[tuple[float, str, Overlay]] = field(default_factory=list)
 
     def offer(self, value: float, title: str, overlay: Any) -> None:
+        """Keep the tile if it is among the worst; `overlay` (a callable) reads its pixels only then."""
         if self.keep <= 0 or not math.isfinite(value):
+            return
+        if len(self.tiles) >= self.keep and value >= self.tiles[-1][0]:
             return
         self.tiles.append((value, title, overlay() if callable(overlay) else overlay))
         self.tiles.sort(key=lambda t: t[0])
