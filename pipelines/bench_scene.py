@@ -26,11 +26,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", choices=("fp32", "int8", "fp16"), default="fp32",
                         help="serve the model at this precision (int8: promote's default recipe); fp32 stays the "
                              "in-process reference")
+    parser.add_argument("--runtime", choices=("onnxruntime", "openvino"), default="onnxruntime",
+                        help="what computes the served model (and its in-process reference)")
     args = parser.parse_args(argv)
     print(json.dumps(scene_benchmark(size=args.size, tile=args.tile, margin=args.margin, batch=args.batch,
                                      max_in_flight=args.max_in_flight, reference_tiles=args.reference_tiles,
                                      encoder=args.encoder, shared_memory=args.shared_memory,
-                                     precision=args.precision)), flush=True)
+                                     precision=args.precision, runtime=args.runtime)), flush=True)
     return 0
 
 

@@ -20,13 +20,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--encoder", default=DEFAULT_ENCODER)
     parser.add_argument("--precision", default="fp32", choices=["fp32", "int8", "fp16"],
                         help="also measure the model at this precision (int8: promote's default recipe), same run")
+    parser.add_argument("--runtime", default="onnxruntime", choices=["onnxruntime", "openvino"],
+                        help="also measure the fp32 and reduced files computed by this runtime, same run")
     parser.add_argument("--instances", type=int, default=1, help="model instances per served step")
     parser.add_argument("--intra-op-threads", type=int, default=0,
-                        help="the served segmenter's ONNX Runtime intra-op threads (0: its default)")
+                        help="the served segmenter's runtime's intra-op threads (0: its default)")
     args = parser.parse_args(argv)
     print(json.dumps(serving_benchmark(tile=args.tile, tiles=args.tiles, batch=args.batch,
                                        max_in_flight=args.max_in_flight, encoder=args.encoder,
-                                       precision=args.precision, instances=args.instances,
+                                       precision=args.precision, runtime=args.runtime, instances=args.instances,
                                        intra_op_threads=args.intra_op_threads)), flush=True)
     return 0
 

@@ -45,8 +45,3 @@ def average_logits(models, batch, mode="none"):
             count += 1
     return (total / count).astype(np.float32, copy=False)
 
-
-def session_runner(session):
-    """An ONNX Runtime session (one input, logits first output) as a callable NCHW -> logits."""
-    name = session.get_inputs()[0].name
-    return lambda batch: session.run(None, {name: batch})[0]

@@ -199,17 +199,20 @@ class MainConfig:
 
 @dataclass
 class PrecisionOptions:
-    """The precision a model is served (promote) or scored (evaluate) at (rsseg.export.quantize)."""
+    """The precision a model is served (promote) or scored (evaluate) at (rsseg.export.quantize), and the
+    runtime that computes it (rsseg.runtimes)."""
 
-    precision: str = _opt("fp32", "fp32, int8 (ONNX Runtime static quantization, for CPUs) or fp16 (for GPU "
-                          "instances)", ("fp32", "int8", "fp16"))
+    precision: str = _opt("fp32", "fp32, int8 (static quantization, for CPUs) or fp16 (for GPU instances)",
+                          ("fp32", "int8", "fp16"))
+    runtime: str = _opt("onnxruntime", "what computes the model on CPU: onnxruntime, or openvino (faster on CPUs, "
+                        "int8 above all: README)", ("onnxruntime", "openvino"))
     calibration_tiles: int = _opt(64, "int8: training tiles that calibrate the activation ranges")
     calibration_method: str = _opt("minmax", "int8: activation range calibration",
                                    ("minmax", "entropy", "percentile"))
     quantize_ops: str = _opt("", "int8: operator types quantized, e.g. Conv,MatMul (the rest stay fp32); empty: all "
                              "that ONNX Runtime can")
-    quant_format: str = _opt("qoperator", "int8 graph form: qoperator (QLinearConv and friends: the smaller file) or "
-                             "qdq (Quantize/DequantizeLinear pairs)", ("qoperator", "qdq"))
+    quant_format: str = _opt("qdq", "int8 graph form: qdq (Quantize/DequantizeLinear pairs: both runtimes run it) or "
+                             "qoperator (QLinearConv and friends: ONNX Runtime only)", ("qdq", "qoperator"))
 
 
 @dataclass
@@ -272,7 +275,7 @@ class PromoteConfig(PrecisionOptions):
     repo: str = _opt("triton_repo", "Triton model repository to write into")
     instance_kind: str = _opt("auto", "Triton instance kind for preprocess and segmenter", ("auto", "cpu", "gpu"))
     max_batch_size: int = _opt(8, "Triton max batch size of every model in the ensemble")
-    intra_op_threads: int = _opt(0, "the served segmenter's ONNX Runtime intra-op threads (0: ONNX Runtime's default)")
+    intra_op_threads: int = _opt(0, "the served segmenter's runtime's intra-op threads (0: the runtime's default)")
     tta: str = _opt("none", "test-time augmentation served by default (none, flips, d4)", ("none", "flips", "d4"))
     opset: int = _opt(17, "ONNX opset (>= 17)")
     atol: float = _opt(1e-3, "largest ONNX Runtime vs PyTorch logit difference accepted")

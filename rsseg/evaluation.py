@@ -20,11 +20,12 @@ from typing import Any
 import numpy as np
 import rasterio
 
-from rsseg import averaging, heads
+from rsseg import averaging, heads, runtimes
 from rsseg.data.datasets import PreparedData
 from rsseg.data.masks import mask_targets, read_mask
 from rsseg.data.raster import read_window
 from rsseg.data.transforms import normalize
+from rsseg.errors import ConfigError
 from rsseg.heads import CHANGE, CLASSES, SEMANTIC
 from rsseg.inference import class_maps
 from rsseg.metrics import ChangeMetrics, ConfusionMatrix, binary_metrics
@@ -139,20 +140,22 @@ def score_scenes(data: PreparedData, spec: ModelSpec, scenes: list[LabelledScene
 
 
 class OnnxModel:
-    """Exported model(s) in ONNX Runtime: raw tiles in (the spec's dtype, HWC), class maps out, computed
-    as the served ensemble computes them (normalise, logits averaged over the models and `tta` views by
-    rsseg.averaging, heads.class_maps). Several ONNX files: a logit-averaging ensemble."""
+    """Exported model(s) in ONNX Runtime or OpenVINO (rsseg.runtimes, as the served segmenter runs them): raw
+    tiles in (the spec's dtype, HWC), class maps out, computed as the served ensemble computes them
+    (normalise, logits averaged over the models and `tta` views by rsseg.averaging, heads.class_maps).
+    Several ONNX files: a logit-averaging ensemble."""
 
-    def __init__(self, onnx_paths: str | Path | Sequence[str | Path], spec: ModelSpec, tta: str = "none") -> None:
-        from rsseg.export.onnx import onnx_session
-
+    def __init__(self, onnx_paths: str | Path | Sequence[str | Path], spec: ModelSpec, tta: str = "none",
+                 runtime: str = "onnxruntime") -> None:
         self.spec = spec
         paths = [onnx_paths] if isinstance(onnx_paths, (str, Path)) else list(onnx_paths)
         averaging.tta_transforms(tta)  # validate
         self.tta = tta
-        self.sessions = [onnx_session(p) for p in paths]
-        self.session = self.sessions[0]
-        self._runners = [averaging.session_runner(s) for s in self.sessions]
+        self.runtime = runtime
+        try:
+            self._runners = [runtimes.load_runner(p, runtime)[0] for p in paths]
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
         self._groups = [(g.name, g.channels) for g in spec.outputs]
 
     def logits(self, tiles: np.ndarray) -> np.ndarray:

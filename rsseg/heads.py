@@ -29,17 +29,38 @@ def softmax(logits):
     return e / e.sum(axis=1, keepdims=True)
 
 
+def argmax_channels(scores):
+    """[N, K, H, W] -> [N, H, W] uint8: the index of the largest channel, the first one on ties (numpy's
+    argmax; K < 256). Whole-map comparisons, one per channel: numpy's argmax over the strided channel axis
+    ran 50x slower for two classes (11.5 ms vs 0.2 ms for 4 x 512^2) and up to 3x for more, and the served
+    postprocess step spends most of its time here."""
+    channels = scores.shape[1]
+    if channels == 1:
+        return np.zeros(scores[:, 0].shape, np.uint8)
+    greater = scores[:, 1] > scores[:, 0]
+    if channels == 2:
+        return greater.view(np.uint8)
+    index = greater.astype(np.uint8)
+    best = np.maximum(scores[:, 0], scores[:, 1])
+    for k in range(2, channels):
+        channel = scores[:, k]
+        np.greater(channel, best, out=greater)
+        np.copyto(index, np.uint8(k), where=greater)
+        np.maximum(best, channel, out=best)
+    return index
+
+
 def class_maps(scores, groups):
     """[N, K, H, W] logits or probabilities -> [N, G, H, W] uint8, one class map per group. For change
     models the semantic maps are 0 ("unchanged") where no change is predicted, as in training."""
     parts = split(scores, groups)
-    maps = {name: part.argmax(axis=1) for name, part in parts.items()}
+    maps = {name: argmax_channels(part) for name, part in parts.items()}
     if CHANGE in parts:
         changed = maps[CHANGE] == 1
         for name in SEMANTIC:
             if name in parts:
-                maps[name] = np.where(changed, parts[name][:, 1:].argmax(axis=1) + 1, 0)
-    return np.stack([maps[name] for name, _ in groups], axis=1).astype(np.uint8)
+                maps[name] = np.where(changed, argmax_channels(parts[name][:, 1:]) + 1, 0).astype(np.uint8)
+    return np.stack([maps[name] for name, _ in groups], axis=1)
 
 
 def probabilities(logits, groups):

@@ -1,7 +1,7 @@
 """Promotion's precision step: the exported fp32 file(s) made int8 or fp16 (rsseg.export.quantize), and the
 gate that decides whether they may be served. The gate is the served metric: the fp32 and the reduced
 model are both scored on the version's validation split through the served tiling (the `evaluate` code
-path, ONNX Runtime in process), and the reduced one is refused when it loses more than `max_metric_drop`.
+path, in process, by the runtime that will serve them), and the reduced one is refused when it loses more than `max_metric_drop`.
 """
 
 from __future__ import annotations
@@ -27,8 +27,9 @@ def reduce_precision(config: PromoteConfig, spec: ModelSpec, fp32: list[Path], w
     """The files to serve at `config.precision` and the record of how they were made and scored; raises
     PromotionRefused when the served metric drops more than `config.max_metric_drop`."""
     recipe = PrecisionRecipe.from_config(config)
+    recipe.check_runtime(config.runtime)
     if recipe.precision == "fp32":
-        return fp32, recipe.record()
+        return fp32, {**recipe.record(), "runtime": config.runtime}
     members = member_specs or [spec]
     data = PreparedData.load(data_root("", members))
     check_data(data, spec)
@@ -38,13 +39,13 @@ def reduce_precision(config: PromoteConfig, spec: ModelSpec, fp32: list[Path], w
     work.mkdir(parents=True, exist_ok=True)
     fold = training_fold(members[0])
     reduced = reduce_files(recipe, fp32, work, spec.dataset, data, fold)
-    record: dict[str, Any] = {**recipe.record(), "data": str(data.root)}
+    record: dict[str, Any] = {**recipe.record(), "runtime": config.runtime, "data": str(data.root)}
     if recipe.precision == "int8":
         record.update(calibration_tiles=min(recipe.calibration_tiles, len(data.split_tiles(fold)[0])),
                       calibration_fold=fold)
     headline = spec.dataset.headline_metric
-    before = served_metrics(OnnxModel(fp32, spec), data).get(headline, math.nan)
-    after = served_metrics(OnnxModel(reduced, spec), data).get(headline, math.nan)
+    before = served_metrics(OnnxModel(fp32, spec, runtime=config.runtime), data).get(headline, math.nan)
+    after = served_metrics(OnnxModel(reduced, spec, runtime=config.runtime), data).get(headline, math.nan)
     drop = before - after
     record.update(metric=headline, fp32_metric=round(before, 5), metric_value=round(after, 5),
                   metric_drop=round(drop, 5), max_metric_drop=config.max_metric_drop,

@@ -161,7 +161,7 @@ def promote(config: PromoteConfig) -> dict[str, Any]:
     name = config.model_name
     options = ServingOptions(instance_kind=_instance_kind(config.instance_kind),
                              max_batch_size=config.max_batch_size, tta=config.tta,
-                             intra_op_threads=config.intra_op_threads)
+                             intra_op_threads=config.intra_op_threads, runtime=config.runtime)
     if config.ensemble and config.ensemble_top:
         raise ConfigError("give ensemble=3,5,7 or ensemble_top=K, not both")
     with RepositoryChange(config.repo) as change:
@@ -191,7 +191,7 @@ def promote(config: PromoteConfig) -> dict[str, Any]:
         if spec.members:
             record["members"] = [m["model_version"] for m in spec.members]
         version = stage_promotion(repo, change.staging, name, spec, served_paths, options, record)
-        served = {"triton_version": version, **_check_and_commit(change, name, spec, served_paths)}
+        served = {"triton_version": version, **_check_and_commit(change, name, spec, served_paths, options.runtime)}
         tracking.set_champion(name, candidate.version, champion.version if champion else None, {
             "promoted_at": datetime.now(UTC).isoformat(timespec="seconds"),
             "triton_version": str(version),
@@ -224,7 +224,9 @@ def rollback(config: PromoteConfig) -> dict[str, Any]:
         stage_rollback(repo, change.staging, name)
         segmenter = change.staging / step_names(name)["segmenter"] / str(previous)
         spec = ModelSpec.load(segmenter / "model_spec.json")
-        served = {"triton_version": previous, **_check_and_commit(change, name, spec, served_onnx(segmenter))}
+        runtime = history["versions"][str(previous)]["options"].get("runtime", "onnxruntime")
+        served = {"triton_version": previous,
+                  **_check_and_commit(change, name, spec, served_onnx(segmenter), runtime)}
         restored = history["versions"][str(previous)]["mlflow_version"]
         before = history["stack"][-3] if len(history["stack"]) >= 3 else None
         tracking.set_champion(name, restored, history["versions"][str(before)]["mlflow_version"] if before else None,
@@ -251,11 +253,12 @@ def reconcile_aliases(name: str, repo: Path) -> None:
     tracking.set_champion(name, champion, previous, {})
 
 
-def _check_and_commit(change: RepositoryChange, name: str, spec: ModelSpec, onnx_path: Path | list[Path]
-                      ) -> dict[str, Any]:
-    """Prove a real Triton serves the staged repository, then swap it in."""
+def _check_and_commit(change: RepositoryChange, name: str, spec: ModelSpec, onnx_path: Path | list[Path],
+                      runtime: str) -> dict[str, Any]:
+    """Prove a real Triton serves the staged repository (as `runtime` computes its files in process), then
+    swap it in."""
     faults.point("staged")
-    check = served_check(change.staging, name, spec, onnx_path, on_spawn=change.record_server,
+    check = served_check(change.staging, name, spec, onnx_path, runtime=runtime, on_spawn=change.record_server,
                          log_path=change.work / "tritonserver.log")
     faults.point("served-checked")
     change.commit()

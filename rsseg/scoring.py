@@ -72,17 +72,18 @@ def evaluate_loaded(members: list[tuple[Any, ModelSpec]], config: EvaluateConfig
     each exported on its own, their logits averaged as the served segmenter averages them."""
     specs = [spec for _, spec in members]
     recipe = PrecisionRecipe.from_config(config)
-    where = "onnxruntime in process" + ("" if recipe.precision == "fp32" else f", {recipe.precision}")
+    recipe.check_runtime(config.runtime)
+    where = f"{config.runtime} in process" + ("" if recipe.precision == "fp32" else f", {recipe.precision}")
     with tempfile.TemporaryDirectory(prefix="rsseg-evaluate-") as tmp:
-        model = onnx_ensemble(members, Path(tmp), tta=config.tta, recipe=recipe)
+        model = onnx_ensemble(members, Path(tmp), tta=config.tta, recipe=recipe, runtime=config.runtime)
         return _evaluate(config, model, specs, where=where)
 
 
 def onnx_ensemble(members: list[tuple[Any, ModelSpec]], folder: Path, tta: str = "none",
-                  recipe: PrecisionRecipe | None = None) -> OnnxModel:
+                  recipe: PrecisionRecipe | None = None, runtime: str = "onnxruntime") -> OnnxModel:
     """Loaded models (one, several, or registered ensembles) as the served segmenter runs them: each member
     exported to ONNX in `folder` (at `recipe`'s precision: int8 calibrated on the first member's training
-    data), their logits averaged (over `tta` views too)."""
+    data), their logits averaged (over `tta` views too), computed by `runtime` (rsseg.runtimes)."""
     specs = [spec for _, spec in members]
     parts = [part for model, spec in members for part in _parts(model, spec)]
     spec = specs[0] if len(specs) == 1 else ensemble_spec([s for _, s in parts])
@@ -91,7 +92,7 @@ def onnx_ensemble(members: list[tuple[Any, ModelSpec]], folder: Path, tta: str =
         trained = [s for _, s in parts]
         data = PreparedData.load(data_root("", trained)) if recipe.precision == "int8" else None
         paths = reduce_files(recipe, paths, folder, spec.dataset, data, training_fold(trained[0]))
-    return OnnxModel(paths, spec, tta=tta)
+    return OnnxModel(paths, spec, tta=tta, runtime=runtime)
 
 
 def _evaluate(config: EvaluateConfig, model: Any, specs: list[ModelSpec], where: str) -> dict[str, Any]:
@@ -140,7 +141,7 @@ def _evaluate_prepared(config: EvaluateConfig, model: Any, specs: list[ModelSpec
                "headline_metric": headline, "headline": metrics.get(headline)}
     params = {"model": label, "members": len(specs) or 1, "data": summary["data"], "split": split,
               "where": where, "tta": config.tta, "margin": config.margin, "tile": config.tile, "batch": config.batch,
-              "precision": config.precision}
+              "precision": config.precision, "runtime": config.runtime}
     summary["run_id"] = tracking.log_evaluation(summary, metrics, rows, total.confusion.matrix, total.class_names,
                                                 params)
     registered = [s for s in specs if s.model_name and s.model_version]

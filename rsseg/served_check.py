@@ -16,9 +16,10 @@ from rsseg.evaluation import OnnxModel
 from rsseg.spec import ModelSpec
 
 
-def served_check(repo: Path, name: str, spec: ModelSpec, onnx_path: Path | list[Path], *,
+def served_check(repo: Path, name: str, spec: ModelSpec, onnx_path: Path | list[Path], *, runtime: str = "onnxruntime",
                  on_spawn: Callable[[int], None] | None = None, log_path: Path | None = None) -> dict[str, Any]:
-    """Start Triton on `repo`, send one tile through the ensemble, compare with ONNX Runtime."""
+    """Start Triton on `repo`, send one tile through the ensemble, compare with the same file(s) computed in
+    process by the runtime the segmenter uses: the check proves the serving plumbing, pixel for pixel."""
     from rsseg.client.oneshot import infer_tiles
     from rsseg.serving.server import TritonServer
 
@@ -28,10 +29,10 @@ def served_check(repo: Path, name: str, spec: ModelSpec, onnx_path: Path | list[
         server.wait_model_ready(name)
         # tta=none whatever the served default: the same views on both sides (TTA is rsseg.averaging's, tested)
         served = infer_tiles(server.grpc_url, name, tile[None], tta="none")[0]
-    expected = onnx_class_maps(onnx_path, spec, tile[None])[0]
+    expected = onnx_class_maps(onnx_path, spec, tile[None], runtime)[0]
     agree = float((served == expected).mean())
     if agree < 1.0:
-        raise ExportError(f"Triton's class map for a test tile differs from ONNX Runtime's on "
+        raise ExportError(f"Triton's class map for a test tile differs from {runtime}'s in process on "
                           f"{(1 - agree) * 100:.3f} % of pixels; the repository was not changed")
     histogram = np.bincount(served[0].ravel(), minlength=spec.outputs[0].channels).tolist()
     return {"tile_shape": list(tile.shape), "pixels_agree": agree, "class_histogram": histogram}
@@ -67,7 +68,8 @@ def sample_tile(spec: ModelSpec, size: int | None = None, seed: int = 0) -> np.n
     return np.clip(tile, 0, top).astype(spec.dataset.dtype)
 
 
-def onnx_class_maps(onnx_path: Path | list[Path], spec: ModelSpec, tiles: np.ndarray) -> np.ndarray:
-    """[N, H, W, C] raw tiles -> [N, G, H, W] uint8 class maps through ONNX Runtime (the reference); several
-    files: their logit average, as the served segmenter computes it."""
-    return OnnxModel(onnx_path, spec).class_maps(tiles)
+def onnx_class_maps(onnx_path: Path | list[Path], spec: ModelSpec, tiles: np.ndarray,
+                    runtime: str = "onnxruntime") -> np.ndarray:
+    """[N, H, W, C] raw tiles -> [N, G, H, W] uint8 class maps through `runtime` in process (the reference);
+    several files: their logit average, as the served segmenter computes it."""
+    return OnnxModel(onnx_path, spec, runtime=runtime).class_maps(tiles)

@@ -1,6 +1,6 @@
 """Reduced-precision serving: int8 (ONNX Runtime static quantization) and fp16 files keep the served interface
-and the spec, agree with fp32 on a trained model, and promotion serves them only when the served metric
-holds (a broken calibration is refused, nothing changed)."""
+and the spec, agree with fp32 on a trained model (in ONNX Runtime and in OpenVINO), and promotion serves them
+only when the served metric holds (a broken calibration is refused, nothing changed)."""
 
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ from tests.conftest import tiny_config
 # Class maps of the quantized tiny model agree with fp32 on at least this share of pixels (measured 0.99+).
 INT8_AGREEMENT = 0.97
 FP16_AGREEMENT = 0.995
+RUNTIME_AGREEMENT = 0.999  # the same fp32 file in OpenVINO (fp32 inference pinned) and in ONNX Runtime
 
 
 @pytest.fixture(scope="module")
@@ -48,6 +49,8 @@ def test_int8_and_fp16_agree_with_fp32_and_keep_the_spec(trained, tmp_path):
     reference = OnnxModel(fp32, spec)
     assert _agreement(reference, OnnxModel(int8, spec), held_out) >= INT8_AGREEMENT
     assert _agreement(reference, OnnxModel(fp16, spec), held_out) >= FP16_AGREEMENT
+    assert _agreement(reference, OnnxModel(fp32, spec, runtime="openvino"), held_out) >= RUNTIME_AGREEMENT
+    assert _agreement(reference, OnnxModel(int8, spec, runtime="openvino"), held_out) >= INT8_AGREEMENT
     for path, precision in ((int8, "int8"), (fp16, "fp16")):
         assert read_spec(path) == read_spec(fp32)  # the served spec rides along
         meta = {p.key: p.value for p in onnx.load(str(path)).metadata_props}
@@ -60,6 +63,36 @@ def test_int8_and_fp16_agree_with_fp32_and_keep_the_spec(trained, tmp_path):
     assert int8.stat().st_size < fp32.stat().st_size
     with pytest.raises(ConfigError, match="calibration method"):
         quantize_int8(fp32, tmp_path / "x.onnx", tiles, spec.dataset, method="guess")
+
+
+@pytest.mark.slow
+def test_compacting_a_quantized_file_changes_its_size_not_its_answers(trained, tmp_path, monkeypatch):
+    import onnxruntime as ort
+
+    from rsseg.export import quantize as quantize_module
+
+    spec, fp32, data = trained
+    tiles = calibration_tiles(data, -1, 8)
+    compacted = quantize_int8(fp32, tmp_path / "compact.onnx", tiles, spec.dataset)
+    monkeypatch.setattr(quantize_module, "compact", lambda model: {})
+    plain = quantize_int8(fp32, tmp_path / "plain.onnx", tiles, spec.dataset)
+    assert compacted.stat().st_size < 0.95 * plain.stat().st_size
+    graph = onnx.load(str(compacted)).graph
+    assert max(len(o) for n in graph.node for o in n.output if o not in {v.name for v in graph.output}) <= 4
+    x = np.random.default_rng(0).standard_normal((2, spec.in_channels, 64, 64)).astype(np.float32)
+    outputs = [ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, {"input": x})[0]
+               for p in (plain, compacted)]
+    np.testing.assert_array_equal(outputs[0], outputs[1])
+    assert read_spec(compacted) == read_spec(fp32)
+
+
+def test_openvino_refuses_qoperator_files():
+    from rsseg.export.quantize import PrecisionRecipe
+
+    PrecisionRecipe("int8", quant_format="qdq").check_runtime("openvino")
+    PrecisionRecipe("int8", quant_format="qoperator").check_runtime("onnxruntime")
+    with pytest.raises(ConfigError, match="QDQ form only"):
+        PrecisionRecipe("int8", quant_format="qoperator").check_runtime("openvino")
 
 
 @pytest.mark.slow
@@ -79,20 +112,24 @@ def test_promotion_serves_int8_only_when_the_served_metric_holds(seaice_prepared
     monkeypatch.setattr(quantize_module, "calibration_tiles",
                         lambda data, fold, count: np.zeros_like(real(data, fold, count)))
     with pytest.raises(PromotionRefused, match="max_metric_drop"):
-        promote(PromoteConfig(model_name=name, repo=str(repo), precision="int8"))
+        promote(PromoteConfig(model_name=name, repo=str(repo), precision="int8", runtime="openvino"))
     assert not (repo / name).exists()
     assert MlflowClient().get_registered_model(name).aliases == {}
     monkeypatch.setattr(quantize_module, "calibration_tiles", real)
 
-    summary = promote(PromoteConfig(model_name=name, repo=str(repo), precision="int8", max_metric_drop=0.02))
+    # Served by OpenVINO: the gate scores with it, and the served check compares a real server with it.
+    summary = promote(PromoteConfig(model_name=name, repo=str(repo), precision="int8", max_metric_drop=0.02,
+                                    runtime="openvino"))
     precision = summary["precision"]
     assert precision["precision"] == "int8" and precision["calibration_tiles"] > 0
+    assert precision["runtime"] == "openvino" and precision["quant_format"] == "qdq"
     assert precision["metric_drop"] <= 0.02 and precision["bytes"] < precision["fp32_bytes"]
-    assert summary["served_check"]["pixels_agree"] == 1.0  # a real server answered as ONNX Runtime on the int8 file
+    assert summary["served_check"]["pixels_agree"] == 1.0  # a real server answered as OpenVINO on the int8 file
     segmenter = repo / step_names(name)["segmenter"] / str(summary["served_check"]["triton_version"])
     (served,) = served_onnx(segmenter)
     assert {p.key: p.value for p in onnx.load(str(served)).metadata_props}["rsseg.precision"] == "int8"
     assert read_history(repo, name)["versions"]["1"]["precision"]["precision"] == "int8"
+    assert read_history(repo, name)["versions"]["1"]["options"]["runtime"] == "openvino"
     tags = MlflowClient().get_model_version(name, trained["model_version"]).tags
     assert tags["served_precision"] == "int8" and float(tags["served_metric_drop"]) == precision["metric_drop"]
     run = MlflowClient().get_run(_promotion_run(name))
@@ -102,8 +139,9 @@ def test_promotion_serves_int8_only_when_the_served_metric_holds(seaice_prepared
     from rsseg.config import EvaluateConfig
     from rsseg.scoring import evaluate
 
-    scored = evaluate(EvaluateConfig(model=f"models:/{name}/{trained['model_version']}", precision="int8"))
-    assert scored["where"].endswith("int8") and "tagged" not in scored
+    scored = evaluate(EvaluateConfig(model=f"models:/{name}/{trained['model_version']}", precision="int8",
+                                     runtime="openvino"))
+    assert scored["where"] == "openvino in process, int8" and "tagged" not in scored
     assert abs(scored["headline"] - precision["metric_value"]) < 1e-4
 
 

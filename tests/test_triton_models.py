@@ -14,7 +14,7 @@ import torch
 from google.protobuf import json_format, text_format
 from tritonclient.grpc import model_config_pb2
 
-from rsseg import averaging, contract, heads
+from rsseg import averaging, contract, heads, runtimes
 from rsseg.data.transforms import normalize
 from rsseg.errors import ConfigError
 from rsseg.inference import class_maps as torch_class_maps
@@ -82,6 +82,7 @@ def pb_utils(monkeypatch):
     monkeypatch.setitem(sys.modules, "contract", contract)
     monkeypatch.setitem(sys.modules, "heads", heads)
     monkeypatch.setitem(sys.modules, "averaging", averaging)
+    monkeypatch.setitem(sys.modules, "runtimes", runtimes)
     return stub
 
 
@@ -186,6 +187,16 @@ def test_postprocess_class_maps_match_training(semantic):
     assert "PROBABILITIES" not in no_probs.outputs
 
 
+@pytest.mark.parametrize("channels", [1, 2, 3, 7])
+def test_channel_argmax_is_numpys_including_ties(channels):
+    scores = np.random.default_rng(channels).standard_normal((2, channels, 16, 24)).astype(np.float32)
+    scores[:, -1, :4] = scores[:, 0, :4]  # ties go to the first channel, as numpy's
+    scores[:, :, 4:6] = 0.0  # all equal
+    index = heads.argmax_channels(scores)
+    assert index.dtype == np.uint8
+    np.testing.assert_array_equal(index, scores.argmax(axis=1))
+
+
 def test_segmenter_tta_views_invert_exactly():
     segmenter = load_model("segmenter")
     x = np.random.default_rng(3).standard_normal((2, 3, 16, 16)).astype(np.float32)
@@ -253,3 +264,14 @@ def test_segmenter_threads_are_chosen_by_configuration():
     assert default["parameters"]["intra_op_threads"]["string_value"] == "0"  # ONNX Runtime's own choice
     with pytest.raises(ConfigError, match="intra-op threads"):
         ServingOptions(intra_op_threads=-1)
+
+
+def test_segmenter_runtime_is_chosen_by_configuration():
+    default = parse(model_configs("m", model_spec(), 1, ServingOptions())["m-segmenter"])
+    assert default["parameters"]["runtime"]["string_value"] == "onnxruntime"
+    chosen = parse(model_configs("m", model_spec(), 1, ServingOptions(runtime="openvino"))["m-segmenter"])
+    assert chosen["parameters"]["runtime"]["string_value"] == "openvino"
+    with pytest.raises(ConfigError, match="CPU instances only"):
+        ServingOptions("gpu", runtime="openvino")
+    with pytest.raises(ConfigError, match="runtime must be one of"):
+        ServingOptions(runtime="tensorrt")

@@ -20,7 +20,7 @@ import torch
 from rasterio.transform import from_origin
 from rasterio.windows import Window as RioWindow
 
-from rsseg.bench.setup import onnxruntime_logits, random_model, served
+from rsseg.bench.setup import in_process_logits, random_model, served
 from rsseg.data.transforms import normalize
 from rsseg.export.onnx import export_onnx
 from rsseg.export.quantize import convert_fp16, quantize_int8
@@ -50,27 +50,30 @@ def write_large_scene(path: Path, size: int, block: int = 1024, seed: int = 0) -
 
 def scene_benchmark(*, size: int = 8192, tile: int = 512, margin: int = 32, batch: int = 4, max_in_flight: int = 2,
                     reference_tiles: int = 16, encoder: str = DEFAULT_ENCODER,
-                    shared_memory: str = "none", precision: str = "fp32") -> dict[str, Any]:
+                    shared_memory: str = "none", precision: str = "fp32", runtime: str = "onnxruntime"
+                    ) -> dict[str, Any]:
     """End to end through Triton (a real client process, its peak memory from its scene summary)
     against ONNX Runtime in process and a PyTorch eager loop, all on the seed UNet at `tile`. With
     `precision` int8 or fp16 the server serves the reduced file (int8: promote's default recipe, calibrated on
-    the reference tiles) and the references include it in process (`onnxruntime_<precision>`); the fp32
-    ONNX Runtime figures stay the baseline of the ratios."""
+    the reference tiles) and the references include it in process (`<runtime>_<precision>`); with `runtime`
+    openvino the served segmenter and that reference compute with OpenVINO. The fp32 ONNX Runtime figures stay
+    the baseline of the ratios."""
     model, spec = random_model(tile, encoder, classes=("background", "ice"))
     result: dict[str, Any] = {"scene": f"{size}x{size}", "tile": tile, "margin": margin, "batch": batch,
                               "max_in_flight": max_in_flight, "encoder": encoder, "shared_memory": shared_memory,
-                              "precision": precision}
+                              "precision": precision, "runtime": runtime}
     tiles = np.stack([sample_tile(spec, tile, seed=i) for i in range(reference_tiles)])
     with tempfile.TemporaryDirectory(prefix="rsseg-scene-bench-") as tmp:
         tmp_path = Path(tmp)
         onnx_path = export_onnx(model, spec, tmp_path / "model.onnx")
-        run_ort = onnxruntime_logits(onnx_path, spec)
+        run_ort = in_process_logits(onnx_path, spec)
         served_path = onnx_path
         if precision == "int8":
             served_path = quantize_int8(onnx_path, tmp_path / "int8.onnx", tiles, spec.dataset)
         elif precision == "fp16":
             served_path = convert_fp16(onnx_path, tmp_path / "fp16.onnx")
-        run_reduced = onnxruntime_logits(served_path, spec) if precision != "fp32" else None
+        served_as = f"{runtime}_{precision}" if (precision, runtime) != ("fp32", "onnxruntime") else None
+        run_reduced = in_process_logits(served_path, spec, runtime) if served_as else None
 
         def references() -> dict[str, float]:
             """Tiles/s of ONNX Runtime in process and of a PyTorch eager sliding-window loop (what users
@@ -86,7 +89,7 @@ def scene_benchmark(*, size: int = 8192, tile: int = 512, margin: int = 32, batc
                 start = time.perf_counter()
                 for i in range(0, len(tiles), batch):
                     run_reduced(tiles[i : i + batch]).argmax(axis=1)
-                rates[f"onnxruntime_{precision}"] = len(tiles) / (time.perf_counter() - start)
+                rates[served_as] = len(tiles) / (time.perf_counter() - start)
             with torch.inference_mode():
                 model(torch.from_numpy(np.stack([normalize(t, spec.dataset) for t in tiles[:batch]])))
                 start = time.perf_counter()
@@ -99,7 +102,7 @@ def scene_benchmark(*, size: int = 8192, tile: int = 512, margin: int = 32, batc
         before = references()
 
         scene = write_large_scene(tmp_path / "scene.tif", size)
-        with served(tmp_path, spec, served_path, batch * max_in_flight) as server:
+        with served(tmp_path, spec, served_path, batch * max_in_flight, runtime=runtime) as server:
             start = time.perf_counter()
             done = subprocess.run([sys.executable, "-m", "rsseg.client.cli", str(scene), "--out", str(tmp_path / "out"),
                                    "--url", server.grpc_url, "--tile", str(tile), "--margin", str(margin),

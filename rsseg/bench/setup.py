@@ -13,7 +13,7 @@ import torch
 
 from rsseg.config import TrainConfig
 from rsseg.data.transforms import normalize
-from rsseg.export.onnx import onnx_session
+from rsseg.runtimes import load_runner
 from rsseg.serving.repository import ServingOptions, stage_promotion
 from rsseg.serving.server import TritonServer
 from rsseg.spec import DatasetSpec, ModelSpec, default_colors
@@ -31,21 +31,21 @@ def random_model(tile: int, encoder: str, classes: tuple[str, str] = ("backgroun
     return model.eval(), spec
 
 
-def onnxruntime_logits(onnx_path: Path, spec: ModelSpec) -> Callable[[np.ndarray], np.ndarray]:
-    """Raw [N, H, W, C] tiles -> logits through ONNX Runtime in this process, normalised as served."""
-    session = onnx_session(onnx_path)
-    feed = session.get_inputs()[0].name
-    return lambda tiles: session.run(None, {feed: np.stack([normalize(t, spec.dataset) for t in tiles])})[0]
+def in_process_logits(onnx_path: Path, spec: ModelSpec, runtime: str = "onnxruntime"
+                      ) -> Callable[[np.ndarray], np.ndarray]:
+    """Raw [N, H, W, C] tiles -> logits through `runtime` (rsseg.runtimes) in this process, normalised as served."""
+    run, _ = load_runner(onnx_path, runtime)
+    return lambda tiles: run(np.stack([normalize(t, spec.dataset) for t in tiles]))
 
 
 @contextmanager
 def served(tmp: Path, spec: ModelSpec, onnx_path: Path, max_batch_size: int, instances: int = 1,
-           intra_op_threads: int = 0) -> Iterator[TritonServer]:
+           intra_op_threads: int = 0, runtime: str = "onnxruntime") -> Iterator[TritonServer]:
     """A repository staged under `tmp` holding BENCH_MODEL, served by tritonserver on loopback."""
     repo = tmp / "repo"
     stage_promotion(tmp / "none", repo, BENCH_MODEL, spec, onnx_path,
                     ServingOptions(max_batch_size=max_batch_size, instances=instances,
-                                   intra_op_threads=intra_op_threads), {"benchmark": True})
+                                   intra_op_threads=intra_op_threads, runtime=runtime), {"benchmark": True})
     with TritonServer(repo) as server:
         server.wait_model_ready(BENCH_MODEL)
         yield server

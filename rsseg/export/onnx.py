@@ -36,7 +36,7 @@ import numpy as np
 import onnx
 import torch
 
-from rsseg import averaging
+from rsseg import averaging, runtimes
 from rsseg.errors import ConfigError, ExportError, first_line
 from rsseg.heads import CHANGE, SEMANTIC
 from rsseg.inference import class_maps, split_outputs
@@ -299,7 +299,7 @@ def check_parity(
     paths = [onnx_path] if isinstance(onnx_path, (str, Path)) else list(onnx_path)
     sessions = [onnx_session(p, providers) for p in paths]
     session = sessions[0]
-    runners = [averaging.session_runner(s) for s in sessions]
+    runners = [runtimes.session_runner(s) for s in sessions]
     meta = session.get_modelmeta().custom_metadata_map
     traced = json.loads(meta[EXPORT_SHAPE_KEY]) if EXPORT_SHAPE_KEY in meta else None
     used = list(session.get_providers())

@@ -1,7 +1,7 @@
 """The Triton model repository: configs generated from the model spec, numbered versions, rollback.
 
 For a promoted model NAME the repository holds Python-backend models NAME-preprocess (DALI),
-NAME-segmenter (ONNX Runtime) and NAME-postprocess, tied by the ensemble NAME; for 3-band uint8 models
+NAME-segmenter (ONNX Runtime or OpenVINO) and NAME-postprocess, tied by the ensemble NAME; for 3-band uint8 models
 also NAME-decode and the ensemble NAME-files, which take encoded image files. Every change is made on a
 staged copy and swapped in whole (rsseg.serving.transaction): `triton_repo/` is never half-written.
 
@@ -27,6 +27,7 @@ import numpy as np
 from rsseg import averaging as averaging_module
 from rsseg import contract, faults
 from rsseg import heads as heads_module
+from rsseg import runtimes as runtimes_module
 from rsseg.atomic import write_text_atomically
 from rsseg.errors import ConfigError
 from rsseg.spec import ModelSpec
@@ -47,7 +48,8 @@ class ServingOptions:
     instances: int = 1
     tta: str = "none"
     queue_delay_us: int = 2000
-    intra_op_threads: int = 0  # the segmenter's ONNX Runtime intra-op threads (0: ONNX Runtime's default)
+    intra_op_threads: int = 0  # the segmenter's runtime's intra-op threads (0: the runtime's default)
+    runtime: str = "onnxruntime"  # what computes the segmenter's ONNX files (rsseg.runtimes)
 
     def __post_init__(self) -> None:
         if self.instance_kind not in ("cpu", "gpu"):
@@ -55,7 +57,11 @@ class ServingOptions:
         if self.max_batch_size < 1:
             raise ConfigError(f"max batch size must be at least 1, got {self.max_batch_size}")
         if self.intra_op_threads < 0:
-            raise ConfigError(f"intra-op threads must be 0 (ONNX Runtime's default) or more, got {self.intra_op_threads}")
+            raise ConfigError(f"intra-op threads must be 0 (the runtime's default) or more, got {self.intra_op_threads}")
+        try:
+            runtimes_module.check_runtime(self.runtime, self.instance_kind == "gpu")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
 
 
 step_names = contract.step_names
@@ -106,7 +112,7 @@ def model_configs(name: str, spec: ModelSpec, version: int, options: ServingOpti
             names["segmenter"], inputs=[(contract.NORMALISED, "TYPE_FP32", [channels, -1, -1])],
             outputs=[(contract.LOGITS, "TYPE_FP32", [classes, -1, -1])], kind=kind, count=options.instances,
             parameters={"models": json.dumps(onnx_files(spec)), "tta": options.tta,
-                        "intra_op_threads": str(options.intra_op_threads)}, **common),
+                        "intra_op_threads": str(options.intra_op_threads), "runtime": options.runtime}, **common),
         names["postprocess"]: _python_config(
             names["postprocess"], inputs=[(contract.LOGITS, "TYPE_FP32", [classes, -1, -1])],
             outputs=_output_tensors(groups, classes), kind="KIND_CPU",
@@ -136,9 +142,10 @@ def model_files(name: str, spec: ModelSpec) -> dict[str, dict[str, Path | None]]
     io = {"triton_io.py": MODELS_DIR / "triton_io.py", "contract.py": Path(contract.__file__)}
     heads = {"heads.py": Path(heads_module.__file__)}
     averaging = {"averaging.py": Path(averaging_module.__file__)}
+    runtimes = {"runtimes.py": Path(runtimes_module.__file__)}
     files: dict[str, dict[str, Path | None]] = {
         names["preprocess"]: {"model.py": MODELS_DIR / "preprocess.py", **io},
-        names["segmenter"]: {"model.py": MODELS_DIR / "segmenter.py", **averaging, **heads, **io,
+        names["segmenter"]: {"model.py": MODELS_DIR / "segmenter.py", **averaging, **runtimes, **heads, **io,
                                **dict.fromkeys(onnx_files(spec)), SPEC_FILE: None},
         names["postprocess"]: {"model.py": MODELS_DIR / "postprocess.py", **heads, **io},
         name: {},

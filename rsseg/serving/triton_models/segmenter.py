@@ -1,8 +1,9 @@
-"""Segmenter: ONNX Runtime over the exported model(s), NCHW float32 in, logits out.
+"""Segmenter: the exported model(s) in ONNX Runtime or OpenVINO (runtimes.py), NCHW float32 in, logits out.
 
 Config parameters: `models` (JSON list of ONNX files in the version folder; several are averaged in
 logit space, the land-cover seed's ensemble), `tta` ("none", "flips" or "d4": flips/rot90 of the
-input, logits mapped back and averaged; a request parameter `tta` overrides it). The CUDA provider is
+input, logits mapped back and averaged; a request parameter `tta` overrides it), `runtime` (onnxruntime
+or openvino, CPU only), `intra_op_threads` (0: the runtime's choice). ONNX Runtime's CUDA provider is
 asked for on KIND_GPU instances; the providers a session really uses are logged, and a GPU instance
 that did not get CUDA fails to load instead of silently running on the CPU.
 """
@@ -13,10 +14,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # averaging.py, heads.py, triton_io.py, contract.py sit beside model.py
 
-import onnxruntime as ort  # noqa: E402
 import triton_python_backend_utils as pb_utils  # noqa: E402
-from averaging import average_logits, session_runner, tta_transforms  # noqa: E402
+from averaging import average_logits, tta_transforms  # noqa: E402
 from contract import LOGITS, NORMALISED  # noqa: E402
+from runtimes import load_runner  # noqa: E402
 from triton_io import (  # noqa: E402
     error_response,
     input_array,
@@ -32,25 +33,19 @@ class TritonPythonModel:
         config = json.loads(args["model_config"])
         folder = os.path.join(args["model_repository"], args["model_version"])
         gpu = args["model_instance_kind"] == "GPU"
-        providers = ["CPUExecutionProvider"]
-        if gpu:
-            providers = [("CUDAExecutionProvider", {"device_id": int(args["model_instance_device_id"])}),
-                         "CPUExecutionProvider"]
-        options = ort.SessionOptions()
-        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        runtime = parameter(config, "runtime", "onnxruntime")
         threads = int(parameter(config, "intra_op_threads", "0"))
-        if threads > 0:
-            options.intra_op_num_threads = threads
-        self.sessions = [ort.InferenceSession(os.path.join(folder, f), options, providers=providers)
-                         for f in json.loads(parameter(config, "models", '["model.onnx"]'))]
-        used = self.sessions[0].get_providers()
-        pb_utils.Logger.log_info(f"segmenter: {len(self.sessions)} model(s), ONNX Runtime providers {used}")
-        if gpu and "CUDAExecutionProvider" not in used:
+        device = int(args["model_instance_device_id"]) if gpu else None
+        loaded = [load_runner(os.path.join(folder, f), runtime, gpu_device=device, threads=threads)
+                  for f in json.loads(parameter(config, "models", '["model.onnx"]'))]
+        self.runners = [runner for runner, _ in loaded]
+        used = loaded[0][1]
+        pb_utils.Logger.log_info(f"segmenter: {len(self.runners)} model(s) on {used}")
+        if gpu and "onnxruntime:CUDAExecutionProvider" not in used:
             raise pb_utils.TritonModelException(
                 f"segmenter: KIND_GPU instance but ONNX Runtime uses {used}; install onnxruntime-gpu or promote "
                 "with --instance-kind cpu")
         self.providers = used
-        self.runners = [session_runner(s) for s in self.sessions]
         self.tta = parameter(config, "tta", "none")
         tta_transforms(self.tta)  # validate
 
