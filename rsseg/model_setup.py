@@ -57,7 +57,7 @@ def build_model(config: TrainConfig, dataset: DatasetSpec, tile_size: int,
         )
     sizes = accepted_tile_sizes(tile_size, stride)
     spec = ModelSpec(dataset=dataset, architecture=architecture, encoder=encoder, in_channels=in_channels,
-                     outputs=outputs, tile_size=tile_size, tile_sizes=sizes, stride=stride)
+                     outputs=outputs, tile_size=tile_size, tile_sizes=sizes, stride=stride, options=arch_kwargs)
     return model, spec
 
 
@@ -89,7 +89,8 @@ def fine_tuned(config: TrainConfig, start: tuple[torch.nn.Module, ModelSpec], in
     log.info("fine-tuning %s (%s/%s)", config.init_from, before.architecture, before.encoder)
     spec = ModelSpec(dataset=dataset, architecture=before.architecture, encoder=before.encoder,
                      in_channels=in_channels, outputs=outputs, tile_size=tile_size,
-                     tile_sizes=accepted_tile_sizes(tile_size, model.stride), stride=model.stride)
+                     tile_sizes=accepted_tile_sizes(tile_size, model.stride), stride=model.stride,
+                     options=dict(before.options))
     return model.train(), spec
 
 

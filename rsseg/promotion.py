@@ -198,6 +198,7 @@ def promote(config: PromoteConfig) -> dict[str, Any]:
             "onnx_sha256": read_history(repo, name)["versions"][str(version)]["onnx_sha256"],
             **{f"served_{key}": str(value) for key, value in precision.items() if key != "data"},
         })
+        served["onnx_models"] = tracking.log_served_onnx(name, candidate.version, served_paths, spec, version)
         faults.point("aliases-moved")
     summary = {"action": "promote", "model_name": name, "version": candidate.version,
                "members": [m["model_version"] for m in spec.members] if spec.members else None, "metric": candidate.metric,

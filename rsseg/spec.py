@@ -166,6 +166,9 @@ class ModelSpec:
     # A logit-averaging ensemble: one entry per member (model_name, model_version, run_id, architecture,
     # encoder, stride), in the order of the served ONNX files; None for a single model.
     members: list[dict[str, Any]] | None = None
+    # The architecture's options it was built with (e.g. encoder_depth): with architecture, encoder,
+    # in_channels and outputs, what rebuilds it by name before loading its weights (rsseg.pyfunc).
+    options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if isinstance(self.dataset, dict):

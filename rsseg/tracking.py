@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -17,10 +18,9 @@ import mlflow
 import numpy as np
 import torch
 from mlflow import MlflowClient
-from mlflow.models import infer_signature
 
 import rsseg
-from rsseg import faults
+from rsseg import faults, pyfunc
 from rsseg.errors import ConfigError, first_line
 from rsseg.plots import confusion_matrix_figure, overlays_figure
 from rsseg.spec import DEFAULT_MODEL_NAMES, ModelSpec
@@ -125,22 +125,31 @@ def log_training_result(result: TrainResult, model_name: str | None, register: b
 
 
 def _log_model(model: torch.nn.Module, spec: ModelSpec, spec_path: Path, name: str) -> Any:
-    """One model of the run (pytorch flavour, the package code, the spec beside it)."""
-    example = np.zeros((1, spec.in_channels, spec.stride * 2, spec.stride * 2), dtype=np.float32)
-    with torch.no_grad():
-        output = model(torch.from_numpy(example)).numpy()
-    return mlflow.pytorch.log_model(
-        model,
-        name=name,
-        signature=infer_signature(example, output),
-        input_example=example,
-        extra_files=[str(spec_path)],
-        code_paths=[str(Path(rsseg.__file__).parent)],
-        metadata={"model_spec": spec.to_dict()},
-        pip_requirements=_pip_requirements(),
-        # A pickled module keeps dynamic tile sizes (MLflow 3's pt2 default pins the example shape).
-        serialization_format="pickle",
-    )
+    """One model of the run: the pyfunc model on raw tiles (rsseg.pyfunc), holding a state dict and the spec,
+    built from code (nothing pickled), with the package code beside it."""
+    with tempfile.TemporaryDirectory() as tmp:
+        weights = pyfunc.save_weights(model, Path(tmp) / "weights.pt")
+        return mlflow.pyfunc.log_model(
+            name=name,
+            python_model=str(pyfunc.MODEL_CODE),
+            artifacts={pyfunc.WEIGHTS: str(weights), pyfunc.SPEC: str(spec_path)},
+            code_paths=[str(Path(rsseg.__file__).parent)],
+            signature=pyfunc.signature(spec),
+            input_example=pyfunc.input_example(spec),
+            metadata={"model_spec": spec.to_dict()},
+            pip_requirements=_pip_requirements(),
+        )
+
+
+def load_logged_model(model_uri: str) -> torch.nn.Module:
+    """The PyTorch model of a logged model (eval, CPU): rebuilt from its state dict and spec (weights_only),
+    or, for models logged before the pyfunc model existed, MLflow's pytorch flavour."""
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=tmp))
+        weights = local / "artifacts" / "weights.pt"
+        if not weights.is_file():
+            return mlflow.pytorch.load_model(str(local), map_location="cpu").eval()
+        return pyfunc.model_from_weights(ModelSpec.load(local / "artifacts" / SPEC_FILE), weights)
 
 
 def version_tags(spec: ModelSpec, metrics: dict[str, float]) -> dict[str, str]:
@@ -184,9 +193,11 @@ def _finite(value: Any) -> bool:
 
 def _pip_requirements() -> list[str]:
     """What loading the logged model needs (the package itself rides along in code_paths)."""
+    import albumentations
     import timm
 
-    return [f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}", f"numpy=={np.__version__}"]
+    return [f"torch=={torch.__version__.split('+')[0]}", f"timm=={timm.__version__}", f"numpy=={np.__version__}",
+            f"albumentations=={albumentations.__version__}", f"mlflow=={mlflow.__version__}"]
 
 
 def describe_version(name: str, version: str) -> str:
@@ -262,7 +273,7 @@ def expand_model_uris(text: str) -> list[str]:
 def _load_run(uri: str, what: str) -> tuple[torch.nn.Module, ModelSpec]:
     run_id = uri.removeprefix("runs:/").strip("/").split("/")[0]
     try:
-        model = mlflow.pytorch.load_model(f"runs:/{run_id}/model", map_location="cpu").eval()
+        model = load_logged_model(f"runs:/{run_id}/model")
         spec = _run_spec(run_id)
     except (mlflow.exceptions.MlflowException, OSError) as exc:
         raise ConfigError(f"{what} {uri}: no trained model in that run in {mlflow.get_tracking_uri()} "
@@ -296,7 +307,7 @@ def load_registered(name: str, version: str) -> tuple[torch.nn.Module, ModelSpec
         spec = ensemble_spec([s for _, s in loaded])
         spec.model_name, spec.model_version, spec.run_id = name, str(version), registered.run_id
         return LogitAverage([m for m, _ in loaded], [s for _, s in loaded]).eval(), spec
-    model = mlflow.pytorch.load_model(f"models:/{name}/{version}", map_location="cpu").eval()
+    model = load_logged_model(f"models:/{name}/{version}")
     spec = _run_spec(registered.run_id)
     spec.model_name, spec.model_version, spec.run_id = name, str(version), registered.run_id
     return model, spec
@@ -426,6 +437,36 @@ def tag_evaluation(name: str, version: str, metrics: dict[str, float], tags: dic
         client.set_model_version_tag(name, version, key, value)
 
 
+SERVED_ONNX_TAG = "served_onnx"  # on a promoted version: the MLflow model URI(s) of the ONNX file(s) served
+
+
+def log_served_onnx(name: str, version: str, paths: list[Path], spec: ModelSpec, triton_version: int) -> list[str]:
+    """The exact ONNX file(s) `triton_repo/` serves for `version` as MLflow models (onnx flavour, the spec in
+    their metadata) in the version's run, so the registry holds what is served; tags the version with their
+    URIs (`served_onnx`). Returns the URIs (runs:/RUN_ID/served-onnx-vN[-memberI])."""
+    import onnx
+    import onnxruntime
+
+    client = MlflowClient()
+    run_id = client.get_model_version(name, version).run_id
+    uris = []
+    for i, path in enumerate(paths):
+        label = f"served-onnx-v{triton_version}" + (f"-member{i}" if len(paths) > 1 else "")
+        with tempfile.TemporaryDirectory() as tmp:
+            mlflow.onnx.save_model(onnx.load(str(path)), str(Path(tmp) / label),
+                                   metadata={"model_spec": spec.to_dict(), "served_file": path.name},
+                                   save_as_external_data=False,
+                                   pip_requirements=[f"onnx=={onnx.__version__}",
+                                                     f"onnxruntime=={onnxruntime.__version__}"])
+            # One file, byte for byte the served one (its sha256 is tagged): MLflow would re-serialise the proto
+            # and move the weights to external files.
+            shutil.copyfile(path, Path(tmp) / label / "model.onnx")
+            client.log_artifacts(run_id, str(Path(tmp) / label), label)
+        uris.append(f"runs:/{run_id}/{label}")
+    client.set_model_version_tag(name, version, SERVED_ONNX_TAG, ",".join(uris))
+    return uris
+
+
 def log_promotion(summary: dict[str, Any], history: Path) -> str:
     """Each promotion or rollback is a run of its own in `rsseg-promotions` (_side_run): which version, why,
     and the checks' figures."""
@@ -444,7 +485,8 @@ def log_promotion(summary: dict[str, Any], history: Path) -> str:
     for key in ("fp32_metric", "metric_value", "metric_drop", "fp32_bytes", "bytes", "size_ratio"):
         if _finite(precision.get(key)):
             client.log_metric(run_id, f"precision_{key}", float(precision[key]))
-    for key in ("calibration_tiles", "calibration_method", "quantized_ops", "quant_format", "max_metric_drop"):
+    for key in ("runtime", "calibration_tiles", "calibration_method", "quantized_ops", "quant_format",
+                "max_metric_drop"):
         if key in precision:
             client.log_param(run_id, key, _param(precision[key]))
     client.log_dict(run_id, summary, "promotion.json")

@@ -92,15 +92,25 @@ def test_promote_serve_refuse_and_roll_back(two_versions, seaice_prepared, tmp_p
     onnx = repo / step_names(NAME)["segmenter"] / "2" / "model.onnx"
     model_spec_ = _spec(repo, 2)
     np.testing.assert_array_equal(served, onnx_class_maps(onnx, model_spec_, tiles))
+    # The registry holds the served file itself: an onnx-flavour model on the version's run, tagged.
+    (logged,) = second["served_check"]["onnx_models"]
+    assert client.get_model_version(NAME, strong).tags["served_onnx"] == logged
+    import mlflow
+    import onnx as onnx_lib
+
+    (registry_copy,) = Path(mlflow.artifacts.download_artifacts(logged, dst_path=str(tmp_path / "dl"))).glob("*.onnx")
+    assert registry_copy.read_bytes() == onnx.read_bytes()
+    assert mlflow.onnx.load_model(logged) == onnx_lib.load(str(onnx))
+    np.testing.assert_array_equal(onnx_class_maps(registry_copy, model_spec_, tiles), served)
     np.testing.assert_array_equal(served_files, served[:1])
     np.testing.assert_array_equal(maps, served)
     assert probabilities.dtype == np.float16 and probabilities.shape == (3, 2, *tiles.shape[1:3])
     np.testing.assert_allclose(probabilities.astype(np.float32).sum(axis=1), 1.0, atol=2e-3)
     np.testing.assert_array_equal(probabilities.argmax(axis=1), served[:, 0])
     assert with_tta.shape == served.shape
-    import mlflow.pytorch
+    from rsseg.tracking import load_registered
 
-    model = mlflow.pytorch.load_model(f"models:/{NAME}/{strong}").eval()
+    model, _ = load_registered(NAME, strong)
     with torch.no_grad():
         logits = model(torch.from_numpy(np.stack([normalize(t, model_spec_.dataset) for t in tiles])))
     torch_maps = class_maps(logits, model_spec_.outputs)["classes"].numpy()
