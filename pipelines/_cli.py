@@ -8,11 +8,32 @@ import logging
 import sys
 from collections.abc import Callable
 
-from rsseg.config import add_arguments
-from rsseg.errors import UserError
-from rsseg.signals import Interrupted, exit_on_signals
-
 EXIT_USER_ERROR = 2
+
+# Import names whose distribution is named otherwise, for the one-line "not installed" error.
+_DISTRIBUTIONS = {"nvidia": "nvidia-dali-cuda120", "tritonclient": "tritonclient[all]", "cv2": "opencv-python-headless",
+                  "segmentation_models_pytorch": "segmentation-models-pytorch (the bench extra)",
+                  "yaml": "pyyaml", "sklearn": "scikit-learn"}
+
+
+def _missing_dependency(kind: type[BaseException], exc: BaseException, traceback: object) -> None:
+    """An entry point run where a dependency is missing (wrong environment, partial set-up) says so in one line,
+    at import time or later, instead of a traceback."""
+    name = getattr(exc, "name", None)
+    if not issubclass(kind, ModuleNotFoundError) or not name or name.split(".")[0] in ("rsseg", "pipelines"):
+        sys.__excepthook__(kind, exc, traceback)  # type: ignore[arg-type]
+        return
+    top = name.split(".")[0]
+    print(f"error: the Python package {_DISTRIBUTIONS.get(top, top)!r} is not installed in this environment "
+          f"({sys.executable}); set up with `bash scripts/setup.sh` and run from .venv, or let `mlflow run .` build "
+          "the project's environment (conda.yaml)", file=sys.stderr)
+
+
+sys.excepthook = _missing_dependency  # entry points import this module first; set before anything else loads
+
+from rsseg.config import add_arguments  # noqa: E402
+from rsseg.errors import UserError  # noqa: E402
+from rsseg.signals import Interrupted, exit_on_signals  # noqa: E402
 
 
 def parser_for(config_cls: type, description: str) -> argparse.ArgumentParser:

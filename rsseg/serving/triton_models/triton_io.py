@@ -2,13 +2,16 @@
 
 The Python-backend stub shipped with Triton 2.51 (nvidia-pytriton 0.7.0) is built against numpy 1:
 under numpy 2, `as_numpy()` repeats the first element and `pb_utils.Tensor(name, ndarray)` sends no
-bytes, silently. DLPack moves tensors correctly with either numpy, so all tensors go through it.
+bytes, silently, so under numpy 2 tensors go through DLPack. Under numpy 1 (the project's own environment,
+conda.yaml, resolves to it) DLPack crashes the stub, and its native numpy path is the right one.
 """
 
 import sys
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
+
+_NATIVE = int(np.__version__.split(".")[0]) < 2  # the numpy the stub was built against
 
 
 def parameter(model_config, key, default=None):
@@ -21,11 +24,12 @@ def input_array(request, name):
     tensor = pb_utils.get_input_tensor_by_name(request, name)
     if tensor is None:
         raise ValueError(f"missing input {name}")
-    return np.from_dlpack(tensor)
+    return tensor.as_numpy() if _NATIVE else np.from_dlpack(tensor)
 
 
 def output_tensor(name, array):
-    return pb_utils.Tensor.from_dlpack(name, np.ascontiguousarray(array))
+    array = np.ascontiguousarray(array)
+    return pb_utils.Tensor(name, array) if _NATIVE else pb_utils.Tensor.from_dlpack(name, array)
 
 
 def error_response(step, exc):
