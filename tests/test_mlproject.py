@@ -27,15 +27,16 @@ def test_every_command_placeholder_is_a_declared_parameter():
 
 
 def test_conda_env_lists_the_package_dependencies():
-    """Every entry point runs in the project's environment: the package's dependencies, its serve extra and
-    the server wheel at the version scripts/setup.sh installs."""
+    """Every entry point runs in the project's environment: the package's dependencies, its serve and bench
+    extras and the server wheel at the version scripts/setup.sh installs."""
     import re
 
     conda = yaml.safe_load((PROJECT / "conda.yaml").read_text())
     pip = next(d["pip"] for d in conda["dependencies"] if isinstance(d, dict))
     project = tomllib.loads((PROJECT / "pyproject.toml").read_text())["project"]
     server = re.search(r'"(nvidia-pytriton==[^"]+)"', (PROJECT / "scripts" / "setup.sh").read_text()).group(1)
-    assert sorted(pip) == sorted([*project["dependencies"], *project["optional-dependencies"]["serve"], server])
+    extras = project["optional-dependencies"]
+    assert sorted(pip) == sorted([*project["dependencies"], *extras["serve"], *extras["bench"], server])
     assert "tritonclient[all]>=2.50" in pip
 
 
