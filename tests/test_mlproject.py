@@ -69,8 +69,8 @@ def test_train_and_promote_run_in_the_projects_own_environment(seaice_prepared, 
     bin_dir = str(Path(sys.executable).parent)  # mlflow and uv of the test environment
     assert shutil.which("uv", path=bin_dir), "uv is a dev dependency (pyproject.toml)"
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"}
-    env.pop("MLFLOW_RUN_ID", None)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}  # nothing left by other tests
+    env.update(MLFLOW_TRACKING_URI=store, PATH=f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}")
     steps = [["-e", "train", "-P", f"data={seaice_prepared}", "-P", "epochs=1", "-P", "batch_size=4",
               "-P", "encoder=test_efficientnet", "-P", "model_name=own-env", "-P", f"checkpoint_dir={tmp_path / 'ckpt'}"],
              ["-e", "promote", "-P", "model_name=own-env", "-P", f"repo={tmp_path / 'triton_repo'}"]]
