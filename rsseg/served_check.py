@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from rsseg import faults
-from rsseg.errors import ExportError
+from rsseg.errors import ExportError, first_line
 from rsseg.evaluation import OnnxModel
 from rsseg.spec import ModelSpec
 
@@ -23,12 +23,18 @@ def served_check(repo: Path, name: str, spec: ModelSpec, onnx_path: Path | list[
     from rsseg.client.oneshot import infer_tiles
     from rsseg.serving.server import TritonServer
 
+    from tritonclient.utils import InferenceServerException
+
     tile = sample_tile(spec)
     with TritonServer(repo, on_spawn=on_spawn, log_path=log_path) as server:
         faults.point("server-started")
         server.wait_model_ready(name)
         # tta=none whatever the served default: the same views on both sides (TTA is rsseg.averaging's, tested)
-        served = infer_tiles(server.grpc_url, name, tile[None], tta="none")[0]
+        try:
+            served = infer_tiles(server.grpc_url, name, tile[None], tta="none")[0]
+        except InferenceServerException as exc:  # a model that loads but cannot answer (e.g. a crashed stub)
+            raise ExportError(f"the staged {name} failed a test request ({first_line(exc)}); the repository was not "
+                              "changed") from None
     expected = onnx_class_maps(onnx_path, spec, tile[None], runtime)[0]
     agree = float((served == expected).mean())
     if agree < 1.0:

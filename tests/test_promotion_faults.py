@@ -260,3 +260,36 @@ def test_a_folder_that_is_not_a_model_repository_is_refused(tmp_path):
             pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home"]
     assert (home / "notes.txt").read_text() == "mine"
+
+
+def test_a_staged_model_that_cannot_answer_is_refused_in_one_line(monkeypatch, tmp_path):
+    """A repository whose models load but fail a request (e.g. a Python-backend stub that crashes) is not
+    swapped in, and the user gets one line, not the client library's traceback."""
+    from contextlib import contextmanager
+
+    from tritonclient.utils import InferenceServerException
+
+    from rsseg.client import oneshot
+    from rsseg.errors import ExportError, UserError
+    from rsseg.served_check import served_check
+    from rsseg.serving import server as server_module
+    from tests.test_triton_models import model_spec
+
+    class Ready:
+        grpc_url = "127.0.0.1:1"
+
+        def wait_model_ready(self, name: str) -> None:
+            pass
+
+    @contextmanager
+    def fake_server(*args, **kwargs):
+        yield Ready()
+
+    def crashed(*args, **kwargs):
+        raise InferenceServerException("in ensemble 'm', Stub process 'm-preprocess_0_0' is not healthy.")
+
+    monkeypatch.setattr(server_module, "TritonServer", fake_server)
+    monkeypatch.setattr(oneshot, "infer_tiles", crashed)
+    with pytest.raises(ExportError, match="failed a test request .*not healthy.*not changed") as caught:
+        served_check(tmp_path, "m", model_spec(), tmp_path / "model.onnx")
+    assert isinstance(caught.value, UserError) and "\n" not in str(caught.value)
