@@ -20,10 +20,10 @@ def served_check(repo: Path, name: str, spec: ModelSpec, onnx_path: Path | list[
                  on_spawn: Callable[[int], None] | None = None, log_path: Path | None = None) -> dict[str, Any]:
     """Start Triton on `repo`, send one tile through the ensemble, compare with the same file(s) computed in
     process by the runtime the segmenter uses: the check proves the serving plumbing, pixel for pixel."""
+    from tritonclient.utils import InferenceServerException
+
     from rsseg.client.oneshot import infer_tiles
     from rsseg.serving.server import TritonServer
-
-    from tritonclient.utils import InferenceServerException
 
     tile = sample_tile(spec)
     with TritonServer(repo, on_spawn=on_spawn, log_path=log_path) as server:

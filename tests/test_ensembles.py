@@ -15,9 +15,9 @@ from rsseg.data.datasets import PreparedData
 from rsseg.errors import ConfigError, PromotionRefused
 from rsseg.optim import FLOOR, cycle_index, snapshot_factor
 from rsseg.promotion import promote, rollback
+from rsseg.served_check import onnx_class_maps, sample_tile
 from rsseg.serving.repository import read_history, step_names
 from rsseg.serving.server import TritonServer
-from rsseg.served_check import onnx_class_maps, sample_tile
 from rsseg.spec import ModelSpec
 from rsseg.tracked_training import train_and_register
 from rsseg.tracking import ENSEMBLE_TAG, load_registered
