@@ -76,7 +76,8 @@ class TrainConfig:
                            "optima'): the cosine schedule restarts `cycles` times over the run and the weights at the "
                            "end of each cycle are validated, logged and (with register) registered as versions")
     cycles: int = _opt(3, "cosine cycles (and snapshots) with snapshots=true")
-    loss: str = _opt("ce+dice", "loss terms joined by +, each NAME or NAME:WEIGHT: ce, dice (class-wise Dice), focal, "
+    loss: str = _opt("ce+dice", "loss terms joined by +, each NAME or NAME:WEIGHT: ce, dice (class-wise Dice over all classes), "
+                     "dice_present (over the classes in each batch's labels), focal, "
                      "lovasz (Lovász-softmax), edge_ce (cross-entropy smoothed more near class boundaries), "
                      "e.g. ce+lovasz:0.5")
     ce_weight: float = _opt(1.0, "scales the ce term of the loss")

@@ -1,6 +1,8 @@
 """Segmentation losses, per output group of a multi-head model: a weighted sum of named terms.
 
-Terms: `ce` (softmax cross-entropy), `dice` (class-wise soft Dice, the sea-ice seed's), `focal` (Lin et
+Terms: `ce` (softmax cross-entropy), `dice` (class-wise soft Dice, the sea-ice seed's: the mean over all
+classes), `dice_present` (the same Dice averaged over the classes present in the batch's labels only, as
+segmentation_models.pytorch's DiceLoss does), `focal` (Lin et
 al. 2017), `lovasz` (Lovász-softmax, Berman et al. 2018: a surrogate of per-class IoU) and `edge_ce`
 (cross-entropy with stronger label smoothing on pixels near a class boundary, found on the fly from the
 mask: the land-cover seed's "online edge label smoothing"). A loss is named like `ce+dice` or
@@ -30,12 +32,14 @@ ClassWeights = Sequence[float] | Mapping[str, Sequence[float]] | None
 class ClasswiseDiceLoss(nn.Module):
     """1 - mean over classes of soft Dice, each class summed over the whole batch (N, H, W)."""
 
-    def __init__(self, ignore_index: int = DEFAULT_IGNORE_INDEX, smooth: float = 1.0) -> None:
+    def __init__(self, ignore_index: int = DEFAULT_IGNORE_INDEX, smooth: float = 1.0,
+                 present_only: bool = False) -> None:
         super().__init__()
         if smooth < 0:
             raise ConfigError(f"dice smooth must be >= 0, got {smooth}; use the default 1.0")
         self.ignore_index = ignore_index
         self.smooth = float(smooth)
+        self.present_only = present_only
 
     def forward(self, logits: Tensor, target: Tensor) -> Tensor:
         _check_shapes(logits, target)
@@ -51,12 +55,17 @@ class ClasswiseDiceLoss(nn.Module):
         intersection = (probs * one_hot).sum(dims)
         cardinality = probs.sum(dims) + one_hot.sum(dims)
         dice = (2.0 * intersection + self.smooth) / (cardinality + self.smooth)
+        if self.present_only:
+            # A class absent from the batch's labels adds no term: with the all-classes mean, every batch
+            # without a rare class (roads in land cover) pushes that class's probabilities down everywhere.
+            present = one_hot.sum(dims) > 0
+            return 1.0 - dice[present].mean() if bool(present.any()) else logits.sum() * 0.0
         # Seed's choice: average over ALL classes; a class absent from target and prediction scores
         # ~1 thanks to `smooth`, and background keeps gradients alive on tiles without the target class.
         return 1.0 - dice.mean()
 
 
-LOSS_TERMS = ("ce", "dice", "focal", "lovasz", "edge_ce")
+LOSS_TERMS = ("ce", "dice", "dice_present", "focal", "lovasz", "edge_ce")
 EDGE_RADIUS = 2  # pixels: a pixel is "near a boundary" when a (2r+1)² window around it holds another class
 
 
@@ -167,7 +176,7 @@ class SegmentationLoss(nn.Module):
             raise ConfigError(
                 f"loss weights must be >= 0, got ce_weight={ce_weight}, dice_weight={dice_weight}"
             )
-        scale = {"ce": float(ce_weight), "dice": float(dice_weight)}
+        scale = {"ce": float(ce_weight), "dice": float(dice_weight), "dice_present": float(dice_weight)}
         named = list(terms) if terms is not None else [("ce", 1.0), ("dice", 1.0)]
         self.weights = {name: weight * scale.get(name, 1.0) for name, weight in named}
         if not any(w > 0 for w in self.weights.values()):
@@ -186,6 +195,7 @@ class SegmentationLoss(nn.Module):
         self.focal_gamma = float(focal_gamma)
         self.ignore_index = ignore_index
         self.dice = ClasswiseDiceLoss(ignore_index=ignore_index, smooth=dice_smooth)
+        self.dice_present = ClasswiseDiceLoss(ignore_index=ignore_index, smooth=dice_smooth, present_only=True)
         weight: Tensor | None = None
         if class_weights is not None:
             weight = torch.tensor([float(w) for w in class_weights], dtype=torch.float32)
@@ -222,6 +232,8 @@ class SegmentationLoss(nn.Module):
                                    label_smoothing=self.label_smoothing)
         if name == "dice":
             return self.dice(logits, target)
+        if name == "dice_present":
+            return self.dice_present(logits, target)
         if name == "focal":
             return focal_loss(logits, target, self.ignore_index, weight, self.focal_gamma)
         if name == "lovasz":

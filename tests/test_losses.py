@@ -46,6 +46,33 @@ def test_dice_small_for_perfect_prediction_and_large_for_wrong() -> None:
     assert dice(wrong, target).item() > 0.9
 
 
+def test_present_dice_averages_only_classes_in_the_labels() -> None:
+    logits, target = _batch(c=4, ignore_frac=0.0)
+    target = target % 3  # class 3 never appears in the labels
+    probs = torch.softmax(logits, 1)
+    one_hot = F.one_hot(target, 4).permute(0, 3, 1, 2).float()
+    per_class = (2 * (probs * one_hot).sum((0, 2, 3)) + 1) / (probs.sum((0, 2, 3)) + one_hot.sum((0, 2, 3)) + 1)
+    present = ClasswiseDiceLoss(present_only=True)(logits, target)
+    torch.testing.assert_close(present, 1 - per_class[:3].mean())
+    torch.testing.assert_close(ClasswiseDiceLoss()(logits, target), 1 - per_class.mean())
+    # Unlike the all-classes mean, the absent class's own Dice adds no push: its gradient is only the
+    # softmax coupling through the present classes, and differs from the all-classes one.
+    present.backward()
+    from_present = logits.grad.clone()
+    logits.grad = None
+    ClasswiseDiceLoss()(logits, target).backward()
+    assert not torch.allclose(from_present[:, 3], logits.grad[:, 3])
+
+
+def test_present_dice_is_a_loss_term() -> None:
+    assert ("dice_present", 1.0) in parse_loss("ce+dice_present")
+    logits, target = _batch()
+    value = SegmentationLoss(terms=parse_loss("ce+dice_present"))(logits, target)
+    assert torch.isfinite(value) and value > 0
+    empty = torch.full_like(target, IGNORE)
+    assert SegmentationLoss(terms=parse_loss("dice_present"))(logits, empty).item() == 0.0
+
+
 def test_ignored_pixels_do_not_change_the_loss() -> None:
     logits, target = _batch(ignore_frac=0.3)
     loss = SegmentationLoss()
