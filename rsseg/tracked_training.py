@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from rsseg import tracking
-from rsseg.config import TrainConfig, split_list
+from rsseg.config import TrainConfig, split_list, with_task_defaults
 from rsseg.data.datasets import PreparedData
 from rsseg.data.defaults import default_dataset
 from rsseg.training import is_main_process, train
@@ -17,6 +17,7 @@ def train_and_register(config: TrainConfig) -> dict[str, Any] | None:
     """Train inside an MLflow run and register; the run's summary (None on ranks other than 0)."""
     roots = split_list(config.data) or [str(default_dataset())]
     data, extra = PreparedData.load(roots[0]), [PreparedData.load(root) for root in roots[1:]]
+    config = with_task_defaults(config, data.spec.task)  # the run logs the learning rate it trains with
     start = tracking.load_model_uri(config.init_from) if config.init_from else None
     teacher = _teacher(config.teacher) if config.teacher else None
     if not is_main_process():

@@ -33,7 +33,7 @@ from rsseg.checkpoints import (
     save_checkpoint,
     set_rng_state,
 )
-from rsseg.config import TrainConfig, split_list
+from rsseg.config import TrainConfig, split_list, with_task_defaults
 from rsseg.data.datasets import MixedDataset, PreparedData, RandomWindowDataset, TileDataset, mixed_training_set
 from rsseg.data.exclusions import KEY as EXCLUSION_KEY
 from rsseg.data.exclusions import ExcludedAreas, drop_excluded, read_exclusions
@@ -84,6 +84,7 @@ def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback |
     (`init_from`) instead of a new model. `extra`: more datasets (e.g. pseudo labels) whose scenes all join
     the training set, mixed by `config.mix`; validation stays on `data`'s split. `teacher`: a model (and
     its spec) to distil from (`config.alpha`, `config.temperature`), run on the student's inputs."""
+    config = with_task_defaults(config, data.spec.task)
     distributed = _init_distributed()
     rank = dist.get_rank() if distributed else 0
     device = _device(config.device, distributed)

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from rsseg.config import TrainConfig, with_task_defaults
 from rsseg.data.datasets import PreparedData, TileDataset
 from rsseg.data.transforms import SwapDates, build_augmentation, normalize
 from rsseg.errors import ConfigError
@@ -230,6 +231,17 @@ def test_random_windows_cover_the_scenes_reproducibly(seaice_prepared):
     assert sample["image"].shape == (3, 48, 48) and sample["targets"]["classes"].shape == (48, 48)
     with pytest.raises(ConfigError, match="crop size 500 is larger than scene"):
         RandomWindowDataset(data, train_tiles, 500)
+
+
+def test_default_learning_rate_follows_the_task():
+    """lr=0 takes the measured default of the data's task; a learning rate given is kept."""
+    assert TrainConfig().lr == 0
+    assert with_task_defaults(TrainConfig(), "binary").lr == 2e-3
+    assert with_task_defaults(TrainConfig(), "multiclass").lr == 2e-3
+    assert with_task_defaults(TrainConfig(), "change").lr == 1e-3
+    assert with_task_defaults(TrainConfig(lr=5e-4), "binary").lr == 5e-4
+    with pytest.raises(ConfigError, match="lr must be positive"):
+        TrainConfig(lr=-1e-3)
 
 
 def test_cosine_schedule_warms_up_then_decays_to_the_floor():

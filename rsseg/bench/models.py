@@ -37,7 +37,7 @@ class Entry:
     architecture: str
     datasets: tuple[str, ...]
     options: str = ""  # model_options, e.g. "aux_heads=true"
-    loss: str = ""  # "" keeps the recipe's loss (ce+dice)
+    loss: str = ""  # "" keeps the recipe's loss (TrainConfig.loss)
 
     @property
     def label(self) -> str:
@@ -58,9 +58,9 @@ ZOO = (
     Entry("siamese_unet", ("levir",)),
     Entry("siamese_pspnet", ("levir",)),
 )
-# The seed UNet with each loss beside the default ce+dice (the land-cover seed's alternatives).
+# The seed UNet with each loss beside the default ce+dice_present (the land-cover seed's alternatives).
 LOSSES = tuple(Entry("unet", SINGLE_IMAGE, loss=loss)
-               for loss in ("ce+dice", "lovasz", "ce+lovasz:0.5", "focal+dice", "edge_ce+dice"))
+               for loss in ("ce+dice_present", "ce+dice", "lovasz", "ce+lovasz:0.5", "focal+dice", "edge_ce+dice"))
 
 
 def cost_row(entry: Entry, tile: int = COST_TILE, batch: int = COST_BATCH, seconds: float = 10.0) -> dict[str, Any]:
