@@ -145,14 +145,26 @@ def with_task_defaults(config: TrainConfig, task: str) -> TrainConfig:
 
 
 def parse_options(text: str) -> dict[str, Any]:
-    """"a=1,b=x,c=true" -> {"a": 1, "b": "x", "c": True} (ints, floats, booleans, else strings)."""
+    """"a=1,b=x,c=true" -> {"a": 1, "b": "x", "c": True} (ints, floats, booleans, else strings).
+    Commas inside brackets stay in the value: "decoder_channels=(64,32,16,8)" is one option."""
     options: dict[str, Any] = {}
-    for item in (p.strip() for p in text.split(",") if p.strip()):
+    for item in (p.strip() for p in _split_top_level(text) if p.strip()):
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"option {item!r} is not key=value (e.g. kernel_size=3)")
         options[key.strip()] = _scalar(value.strip())
     return options
+
+
+def _split_top_level(text: str) -> list[str]:
+    """Split on the commas that are not inside (), [] or {}."""
+    parts, depth, start = [], 0, 0
+    for i, char in enumerate(text):
+        depth += (char in "([{") - (char in ")]}")
+        if char == "," and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return [*parts, text[start:]]
 
 
 def _scalar(value: str) -> Any:

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from pipelines.bench_quality import parse_overrides
+from rsseg.config import ConfigError, parse_options
 from rsseg.bench.quality import format_table, quality_row, trivial_baseline
 from rsseg.data.datasets import PreparedData
 from rsseg.evaluation import (
@@ -75,6 +76,13 @@ def test_benchmark_overrides_keep_list_values_whole():
         "channels_last": False}
     assert parse_overrides(["model_options=kernel_size=3;attention=none"]) == {
         "model_options": "kernel_size=3,attention=none"}
+
+
+def test_model_options_keep_bracketed_lists_whole():
+    assert parse_options("decoder_channels=(64,32,16,8),attention=none,kernel_size=3") == {
+        "decoder_channels": "(64,32,16,8)", "attention": "none", "kernel_size": 3}
+    with pytest.raises(ConfigError, match="key=value"):
+        parse_options("decoder_channels=(64,32),16")
 
 
 @pytest.mark.slow
