@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from pipelines.bench_quality import parse_overrides
-from rsseg.config import ConfigError, parse_options
 from rsseg.bench.quality import format_table, quality_row, trivial_baseline
+from rsseg.config import parse_options
 from rsseg.data.datasets import PreparedData
+from rsseg.errors import ConfigError
 from rsseg.evaluation import (
     Evaluator,
     OnnxModel,
