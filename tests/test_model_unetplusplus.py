@@ -20,7 +20,7 @@ from rsseg.errors import ConfigError
 from rsseg.export import assert_parity, check_parity, export_onnx
 from rsseg.models import create_model, default_encoder, model_kwargs, model_tasks
 from rsseg.models.blocks import SCSE
-from rsseg.models.unet import UNetOptions
+from rsseg.models.unet import SEED_DECODER_CHANNELS, UNetOptions
 from rsseg.models.unetplusplus import UNetPlusPlus, UNetPlusPlusDecoder
 from rsseg.spec import DEFAULT_ENCODER, DatasetSpec, ModelSpec, OutputGroup
 
@@ -77,7 +77,7 @@ def test_output_shape(encoder: str) -> None:
 
 
 def test_nested_nodes_for_depth_4_and_5() -> None:
-    model = create_model("unetplusplus", TINY, 3, OUTPUTS)
+    model = create_model("unetplusplus", TINY, 3, OUTPUTS, decoder_channels=SEED_DECODER_CHANNELS)
     dec = model.decoder
     assert dec.nested_nodes == DEPTH4_NODES and len(dec.blocks) == 7
     c2, c4, c8, c16 = model.encoder.feature_info.channels()
@@ -200,10 +200,11 @@ def test_options_and_errors() -> None:
     plain = create_model("unetplusplus", TINY, 3, OUTPUTS, attention="none", decoder_channels="64,32,16,8")
     assert not any(isinstance(m, SCSE) for m in plain.decoder.modules())
     assert plain.decoder.node_channels[(0, 4)] == 8
-    scse = create_model("unetplusplus", TINY, 3, OUTPUTS)
+    assert not any(isinstance(m, SCSE) for m in create_model("unetplusplus", TINY, 3, OUTPUTS).modules())  # default
+    scse = create_model("unetplusplus", TINY, 3, OUTPUTS, attention="scse")
     assert sum(isinstance(m, SCSE) for m in scse.decoder.modules()) == 2 * 7 - 1  # no attention1 without skip
     # same encoder as unet, more decoder parameters (the nested nodes)
-    unet = create_model("unet", TINY, 3, OUTPUTS)
+    unet = create_model("unet", TINY, 3, OUTPUTS, attention="scse")
     assert n_params(scse.encoder) == n_params(unet.encoder) and n_params(scse) > n_params(unet)
 
 

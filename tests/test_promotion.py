@@ -106,7 +106,9 @@ def test_promote_serve_refuse_and_roll_back(two_versions, seaice_prepared, tmp_p
     np.testing.assert_array_equal(maps, served)
     assert probabilities.dtype == np.float16 and probabilities.shape == (3, 2, *tiles.shape[1:3])
     np.testing.assert_allclose(probabilities.astype(np.float32).sum(axis=1), 1.0, atol=2e-3)
-    np.testing.assert_array_equal(probabilities.argmax(axis=1), served[:, 0])
+    # fp16 probabilities can round a near tie to an exact one, where argmax takes the first class
+    differs = probabilities.argmax(axis=1) != served[:, 0]
+    assert differs.mean() < 1e-3 and (probabilities[:, 0][differs] == probabilities[:, 1][differs]).all()
     assert with_tta.shape == served.shape
     from rsseg.tracking import load_registered
 

@@ -22,6 +22,7 @@ from rsseg.bench.quality import quality_row
 from rsseg.evaluation import OnnxModel
 from rsseg.export.onnx import export_onnx
 from rsseg.models import create_model, default_encoder, model_tasks
+from rsseg.models.unet import SEED_DECODER_OPTIONS
 from rsseg.spec import DatasetSpec, ModelSpec, OutputGroup, default_colors
 
 log = logging.getLogger(__name__)
@@ -46,9 +47,11 @@ class Entry:
 
 
 SINGLE_IMAGE = ("roads", "dubai")
-# The seed UNet first (the row the others are read against), then the land-cover seed's zoo, then change.
+# The default UNet first (the row the others are read against), the seed's own decoder beside it, then the
+# land-cover seed's zoo, then change.
 ZOO = (
     Entry("unet", (*SINGLE_IMAGE, "levir")),
+    Entry("unet", SINGLE_IMAGE, SEED_DECODER_OPTIONS),
     Entry("unet", SINGLE_IMAGE, "aux_heads=true"),
     Entry("unetplusplus", SINGLE_IMAGE),
     Entry("deeplabv3plus", SINGLE_IMAGE),
@@ -58,7 +61,7 @@ ZOO = (
     Entry("siamese_unet", ("levir",)),
     Entry("siamese_pspnet", ("levir",)),
 )
-# The seed UNet with each loss beside the default ce+dice_present (the land-cover seed's alternatives).
+# The default UNet with each loss beside the default ce+dice_present (the land-cover seed's alternatives).
 LOSSES = tuple(Entry("unet", SINGLE_IMAGE, loss=loss)
                for loss in ("ce+dice_present", "ce+dice", "lovasz", "ce+lovasz:0.5", "focal+dice", "edge_ce+dice"))
 

@@ -182,7 +182,7 @@ class UNetPlusPlus(SegmentationModel):
 @register_model("unetplusplus", tasks=("binary", "multiclass"), options=UNetOptions)
 def unetplusplus(encoder: str, in_channels: int, outputs: Sequence[OutputGroup], pretrained_path: str | None = None,
                  options: UNetOptions = UNetOptions()) -> UNetPlusPlus:
-    """UNet++ on any timm encoder; encoder_depth 4, decoder (128, 64, 32, 16), SCSE by default (UNetOptions)."""
+    """UNet++ on any timm encoder; encoder_depth 4 and the decoder channels and attention of UNetOptions."""
     if options.decoder_block != "conv":
         raise ConfigError(
             f"decoder_block {options.decoder_block!r}: unetplusplus builds its nested nodes from conv blocks "
