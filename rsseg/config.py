@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from rsseg.errors import ConfigError
-from rsseg.spec import DEFAULT_ENCODER
 
 
 def _opt(default: Any, help: str, choices: tuple[str, ...] | None = None) -> Any:  # noqa: A002
@@ -47,8 +46,9 @@ class TrainConfig:
     fold: int = _opt(-1, "validation fold (-1: the 9:1 holdout split)")
     architecture: str = _opt("", "model name in the registry; empty: unet (binary change: both dates' bands stacked; "
                                "siamese_unet for semantic change data)")
-    encoder: str = _opt("", "timm encoder name; empty: the architecture's default (tf_efficientnet_lite3, "
-                        "hrnet_w18 for hrnet_ocr and siamese_pspnet)")
+    encoder: str = _opt("", "timm encoder name; empty: the recipe's: efficientnet_lite0 for a UNet on "
+                        "single-date data; hrnet_w18 for hrnet_ocr and siamese_pspnet; the seed's "
+                        "tf_efficientnet_lite3 otherwise, change pairs included)")
     encoder_weights: str = _opt("", "encoder weights: a local file (.pth/.safetensors), or imagenet for timm's pretrained weights from the Hugging Face cache (downloaded when the hub is reachable)")
     init_from: str = _opt("", "start from a registered version (models:/NAME/VERSION or models:/NAME@ALIAS) and "
                           "fine-tune it, e.g. with another loss; its architecture, encoder and options are kept")
@@ -221,7 +221,7 @@ class MainConfig:
 
     source: str = _opt("", "dataset folder in one of the seeds' layouts; empty: the generated sea-ice dataset")
     epochs: int = _opt(3, "training epochs (brief, so the job finishes in minutes on a CPU)")
-    encoder: str = _opt(DEFAULT_ENCODER, "timm encoder name")
+    encoder: str = _opt("", "timm encoder name; empty: train's default (efficientnet_lite0 for single-date data)")
     model_name: str = _opt("", "registered model name; empty: the task's default")
     repo: str = _opt("triton_repo", "Triton model repository the new version is promoted into")
 

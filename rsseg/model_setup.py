@@ -17,6 +17,7 @@ from rsseg.errors import ConfigError, ExportError, first_line
 from rsseg.models import create_model, default_encoder
 from rsseg.models.encoders import resolve_encoder_weights
 from rsseg.spec import (
+    UNET_ENCODER,
     DatasetSpec,
     ModelSpec,
     OutputGroup,
@@ -43,7 +44,7 @@ def build_model(config: TrainConfig, dataset: DatasetSpec, tile_size: int,
     if "unet" in architecture:
         arch_kwargs["encoder_depth"] = config.encoder_depth
     arch_kwargs.update(parse_options(config.model_options))
-    encoder = config.encoder or default_encoder(architecture)
+    encoder = config.encoder or _recipe_encoder(architecture, dataset)
     try:
         model = create_model(architecture, encoder, in_channels, outputs,
                              pretrained_path=resolve_encoder_weights(config.encoder_weights, encoder), **arch_kwargs)
@@ -115,3 +116,10 @@ def checked_teacher(teacher: tuple[torch.nn.Module, ModelSpec], spec: ModelSpec)
     for p in model.parameters():
         p.requires_grad_(False)
     return model.eval()
+
+
+def _recipe_encoder(architecture: str, dataset: DatasetSpec) -> str:
+    """The encoder when none is named: UNET_ENCODER for a single-date UNet, the architecture's otherwise."""
+    if architecture == "unet" and dataset.task != "change":
+        return UNET_ENCODER
+    return default_encoder(architecture)

@@ -153,7 +153,8 @@ class UNetOptions:
 @register_model("unet", options=UNetOptions)
 def unet(encoder: str, in_channels: int, outputs: Sequence[OutputGroup], pretrained_path: str | None = None,
          options: UNetOptions = UNetOptions()) -> UNet:
-    """The seed's EffUNet layout: tf_efficientnet_lite3, depth 4, a UNet decoder (UNetOptions: (64, 32, 16,
+    """The seed's EffUNet layout: tf_efficientnet_lite3 unless named (training picks UNET_ENCODER for
+    single-date data), depth 4, a UNet decoder (UNetOptions: (64, 32, 16,
     16) without attention by default; the seed's (128, 64, 32, 16) with SCSE by SEED_DECODER_OPTIONS)."""
     enc, decoder_channels = options.build_encoder(encoder, in_channels, pretrained_path)
     return UNet(enc, in_channels, outputs, decoder_channels, aux_weight=options.aux_loss_weight(),
