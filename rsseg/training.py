@@ -33,7 +33,7 @@ from rsseg.checkpoints import (
     save_checkpoint,
     set_rng_state,
 )
-from rsseg.config import TrainConfig, split_list, with_task_defaults
+from rsseg.config import TrainConfig, split_list, validations_under_budget, with_task_defaults
 from rsseg.data.datasets import MixedDataset, PreparedData, RandomWindowDataset, TileDataset, mixed_training_set
 from rsseg.data.exclusions import KEY as EXCLUSION_KEY
 from rsseg.data.exclusions import ExcludedAreas, drop_excluded, read_exclusions
@@ -255,7 +255,7 @@ def _validated_snapshots(model, run: _Progress, val_set, loss_fn, spec: ModelSpe
 class _Progress:
     """Where a run is: steps taken, seconds spent (across resumes), and when to validate next.
 
-    Under a time budget, progress is elapsed / budget and `validations` are spread evenly over it (an
+    Under a time budget, progress is elapsed / budget and its validations are spread evenly over it (an
     epoch of a large dataset can take minutes: validating after each would eat the budget); without
     one, progress is steps / (epochs x steps per epoch) and every epoch is validated.
     """
@@ -283,7 +283,7 @@ class _Progress:
     def validation_due(self) -> bool:
         if not self.config.time_budget:
             return True
-        every = 1.0 / max(self.config.validations, 1)
+        every = 1.0 / validations_under_budget(self.config)
         return self.fraction() >= (self._validations + 1) * every
 
     def validated(self) -> None:

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from rsseg.config import TrainConfig, with_task_defaults
+from rsseg.config import (MIN_VALIDATIONS, SECONDS_PER_VALIDATION, TrainConfig, validations_under_budget,
+                          with_task_defaults)
 from rsseg.data.datasets import PreparedData, TileDataset
 from rsseg.data.transforms import SwapDates, build_augmentation, normalize
 from rsseg.errors import ConfigError
@@ -244,6 +245,18 @@ def test_default_learning_rate_follows_the_task():
         TrainConfig(lr=-1e-3)
 
 
+def test_default_augmentation_follows_the_task():
+    """augment=auto: flips and rotations; change pairs also zoom and radiometric jitter. A list given is kept,
+    and the resolved list builds."""
+    assert with_task_defaults(TrainConfig(), "binary").augment == "hflip,rot90"
+    assert with_task_defaults(TrainConfig(), "multiclass").augment == "hflip,rot90"
+    change = with_task_defaults(TrainConfig(), "change").augment
+    assert change == "hflip,rot90,scale,jitter"
+    assert len(build_augmentation(change).transforms) == 4
+    assert with_task_defaults(TrainConfig(augment="vflip", lr=1e-3), "change").augment == "vflip"
+    assert with_task_defaults(TrainConfig(augment="vflip", lr=1e-3), "change").lr == 1e-3
+
+
 def test_cosine_schedule_warms_up_then_decays_to_the_floor():
     from rsseg.optim import FLOOR, cosine_factor
 
@@ -277,6 +290,20 @@ def test_precision_auto_follows_the_device():
     native = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
     assert resolve_precision("auto", torch.device("cpu")) == ("bf16" if native else "fp32")
     assert resolve_precision("fp32", torch.device("cpu")) == "fp32"
+
+
+def test_validations_follow_the_budget_unless_given():
+    """validations=0: one per SECONDS_PER_VALIDATION of budget, never fewer than MIN_VALIDATIONS; a count
+    given is kept; a negative one is refused."""
+    def count(**values):
+        return validations_under_budget(TrainConfig(**values))
+
+    assert count(time_budget=600) == MIN_VALIDATIONS
+    assert count(time_budget=1800) == round(1800 / SECONDS_PER_VALIDATION) > MIN_VALIDATIONS
+    assert count(time_budget=60) == MIN_VALIDATIONS
+    assert count(time_budget=1800, validations=2) == 2
+    with pytest.raises(ConfigError, match="validations"):
+        TrainConfig(validations=-1)
 
 
 def test_budget_run_ends_its_schedule_with_the_budget(seaice_prepared, tmp_path):
