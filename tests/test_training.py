@@ -152,15 +152,17 @@ def test_band_jitter_keeps_dtype_range_and_replays_with_the_seed(dtype):
     np.testing.assert_array_equal(jitter(image=tile)["image"], outputs[0])
 
 
-def test_scale_augmentation_keeps_mask_classes():
+@pytest.mark.parametrize("name", ["scale", "rotate"])
+def test_geometric_augmentation_keeps_mask_classes(name):
     image = np.random.default_rng(1).integers(0, 255, (64, 64, 4), dtype=np.uint8)
     mask = np.zeros((64, 64), np.uint8)
     mask[:, 32:] = 2
-    scale = build_augmentation("scale")
-    scale.set_random_seed(0)
-    for _ in range(6):
-        out = scale(image=image, mask=mask)
+    transform = build_augmentation(name)
+    transform.set_random_seed(0)
+    outputs = [transform(image=image, mask=mask) for _ in range(6)]
+    for out in outputs:
         assert out["image"].shape == image.shape and set(np.unique(out["mask"])) <= {0, 2}  # nearest, no blends
+    assert any(not np.array_equal(out["mask"], mask) for out in outputs)  # p = 0.5: some tiles move
 
 
 def test_time_budget_stops_training(seaice_prepared, tmp_path):

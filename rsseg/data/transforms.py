@@ -60,7 +60,9 @@ class BandJitter(A.ImageOnlyTransform):
 
 # Name -> albumentations transform. Geometric ones only by default: they are safe for every band
 # count and dtype (the seed used HorizontalFlip and RandomRotate90). `scale` zooms 0.75-1.33x (masks
-# nearest-neighbour, borders mirrored); `jitter` is BandJitter.
+# nearest-neighbour, borders mirrored); `rotate` turns by any angle up to 45 degrees either way (with
+# rot90 and hflip: any orientation; overhead scenes have no "up", and diagonal roads are rarer than
+# axis-aligned ones in most cities); `jitter` is BandJitter.
 _AUGMENTATIONS = {
     "hflip": lambda: A.HorizontalFlip(p=0.5),
     "vflip": lambda: A.VerticalFlip(p=0.5),
@@ -68,6 +70,7 @@ _AUGMENTATIONS = {
     "transpose": lambda: A.Transpose(p=0.5),
     "swap_dates": lambda: SwapDates(p=0.5),
     "scale": lambda: A.Affine(scale=(0.75, 1.33), keep_ratio=True, border_mode=cv2.BORDER_REFLECT_101, p=0.5),
+    "rotate": lambda: A.Rotate(limit=45, border_mode=cv2.BORDER_REFLECT_101, p=0.5),
     "jitter": lambda: BandJitter(p=0.5),
 }
 DATE_AUGMENTATIONS = ("swap_dates",)  # for binary change pairs only
