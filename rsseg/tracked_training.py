@@ -10,7 +10,8 @@ from rsseg import tracking
 from rsseg.config import TrainConfig, split_list, with_task_defaults
 from rsseg.data.datasets import PreparedData
 from rsseg.data.defaults import default_dataset
-from rsseg.training import is_main_process, train
+from rsseg.processes import is_main_process
+from rsseg.training import train
 
 
 def train_and_register(config: TrainConfig) -> dict[str, Any] | None:

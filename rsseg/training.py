@@ -1,5 +1,7 @@
-"""The training loop: datasets, loss, optimiser, validation, DDP. The model comes from rsseg.model_setup,
-checkpoints are read and written by rsseg.checkpoints.
+"""The training loop: datasets, loss, optimiser, weight average, best-epoch selection. The model comes
+from rsseg.model_setup, validation from rsseg.validation, the run's clock from rsseg.run_progress, the
+process's device, seeds and samples from rsseg.processes; checkpoints are read and written by
+rsseg.checkpoints.
 
 No MLflow here: progress and results leave through `EpochCallback`, so the loop runs the same under
 `mlflow run`, in tests and under `torchrun`.
@@ -7,11 +9,8 @@ No MLflow here: progress and results leave through `EpochCallback`, so the loop 
 
 from __future__ import annotations
 
-import copy
 import logging
 import math
-import os
-import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -22,7 +21,7 @@ import numpy as np
 import pandas as pd
 import torch
 import torch.distributed as dist
-from torch.utils.data import DataLoader, DistributedSampler, Subset
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from rsseg.checkpoints import (
@@ -33,7 +32,7 @@ from rsseg.checkpoints import (
     save_checkpoint,
     set_rng_state,
 )
-from rsseg.config import TrainConfig, split_list, validations_under_budget, with_task_defaults
+from rsseg.config import TrainConfig, split_list, with_task_defaults
 from rsseg.data.datasets import MixedDataset, PreparedData, RandomWindowDataset, TileDataset, mixed_training_set
 from rsseg.data.exclusions import KEY as EXCLUSION_KEY
 from rsseg.data.exclusions import ExcludedAreas, drop_excluded, read_exclusions
@@ -53,7 +52,10 @@ from rsseg.optim import (
     snapshot_factor,
 )
 from rsseg.plots import Overlay
-from rsseg.spec import DatasetSpec, ModelSpec
+from rsseg.processes import init_distributed, seed_everything, select_device, steps_per_epoch, train_sampler
+from rsseg.run_progress import RunProgress
+from rsseg.spec import ModelSpec
+from rsseg.validation import spread, validate, validated_snapshots
 
 log = logging.getLogger(__name__)
 
@@ -85,11 +87,11 @@ def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback |
     the training set, mixed by `config.mix`; validation stays on `data`'s split. `teacher`: a model (and
     its spec) to distil from (`config.alpha`, `config.temperature`), run on the student's inputs."""
     config = with_task_defaults(config, data.spec.task)
-    distributed = _init_distributed()
+    distributed = init_distributed()
     rank = dist.get_rank() if distributed else 0
-    device = _device(config.device, distributed)
+    device = select_device(config.device, distributed)
     precision = resolve_precision(config.precision, device)
-    _seed_everything(config.seed + rank)
+    seed_everything(config.seed + rank)
 
     dataset_spec = dataset_spec_for_training(data, config.normalization)
     augmentation = build_augmentation(config.augment, dataset_spec)
@@ -108,7 +110,7 @@ def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback |
         train_set = mixed_training_set(train_set, extra, dataset_spec, config, augmentation, tile_size)
     val_set: Any = TileDataset(training_data, val_tiles, None)
     if config.max_val_tiles and len(val_set) > config.max_val_tiles:
-        val_set = Subset(val_set, _spread(len(val_set), config.max_val_tiles))
+        val_set = Subset(val_set, spread(len(val_set), config.max_val_tiles))
 
     model, spec = build_model(config, dataset_spec, tile_size=tile_size, start=start)
     if config.check_export and rank == 0 and start is None:
@@ -136,7 +138,7 @@ def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback |
     )
     optimizer = build_optimizer(config, model)
     scheduler = build_scheduler(config, optimizer)
-    run = _Progress(config, steps_per_epoch=_steps_per_epoch(len(train_set), config, distributed))
+    run = RunProgress(config, steps_per_epoch=steps_per_epoch(len(train_set), config, distributed))
 
     start_epoch, best_value, best_epoch = 1, -math.inf, 0
     best_state: dict[str, torch.Tensor] | None = None
@@ -166,7 +168,7 @@ def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback |
              f", weight average {config.ema_decay}" if average else "", config.lr, config.scheduler)
     stopped_by_budget = False
     for epoch in range(start_epoch, config.epochs + 1):
-        sampler = _train_sampler(train_set, config, epoch, distributed)
+        sampler = train_sampler(train_set, config, epoch, distributed)
         if isinstance(train_set, (RandomWindowDataset, MixedDataset)):
             train_set.set_epoch(epoch)
         # Albumentations keeps its own RNG: seed it per epoch (and rank) so runs and resumed runs repeat.
@@ -184,7 +186,7 @@ def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback |
         if rank == 0 and (last or run.validation_due()):
             evaluated = average.model if average is not None else model
             evaluator = Evaluator(spec)
-            val_loss, overlays = _validate(evaluated, val_set, loss_fn, evaluator, device, config, precision)
+            val_loss, overlays = validate(evaluated, val_set, loss_fn, evaluator, device, config, precision)
             run.validated()
             metrics = {f"val_{k}": v for k, v in evaluator.compute().items()}
             metrics.update(train_loss=train_loss, train_tiles_per_s=tiles_per_s, val_loss=val_loss,
@@ -215,7 +217,7 @@ def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback |
 
     if distributed:
         dist.barrier()
-    snapshots = _validated_snapshots(model, run, val_set, loss_fn, spec, device, config, precision) if rank == 0 else []
+    snapshots = validated_snapshots(model, run, val_set, loss_fn, spec, device, config, precision) if rank == 0 else []
     assert best_state is not None or rank != 0
     if best_state is not None:
         model.load_state_dict(best_state)
@@ -230,76 +232,7 @@ def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback |
     )
 
 
-def _validated_snapshots(model, run: _Progress, val_set, loss_fn, spec: ModelSpec, device, config: TrainConfig,
-                         precision: str) -> list[dict[str, Any]]:
-    """The snapshots of a snapshots=true run (the last cycle's: the weights training ended with), each a
-    copy of the model validated on its own."""
-    if not config.snapshots:
-        return []
-    states = [*run.snapshots, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}]
-    out = []
-    for cycle, state in enumerate(states[:config.cycles]):
-        snapshot = copy.deepcopy(model)
-        snapshot.load_state_dict(state)
-        evaluator = Evaluator(spec)
-        _validate(snapshot, val_set, loss_fn, evaluator, device, config, precision)
-        metrics = {f"val_{k}": v for k, v in evaluator.compute().items()}
-        snapshot.emit_aux = False
-        out.append({"cycle": cycle, "model": snapshot.to(memory_format=torch.contiguous_format).cpu().eval(),
-                    "metrics": metrics})
-        log.info("snapshot %d/%d: val %s %.4f", cycle + 1, config.cycles, spec.dataset.headline_metric,
-                 metrics.get(f"val_{spec.dataset.headline_metric}", math.nan))
-    return out
-
-
-class _Progress:
-    """Where a run is: steps taken, seconds spent (across resumes), and when to validate next.
-
-    Under a time budget, progress is elapsed / budget and its validations are spread evenly over it (an
-    epoch of a large dataset can take minutes: validating after each would eat the budget); without
-    one, progress is steps / (epochs x steps per epoch) and every epoch is validated.
-    """
-
-    def __init__(self, config: TrainConfig, steps_per_epoch: int) -> None:
-        self.config = config
-        self.total_steps = max(1, config.epochs * steps_per_epoch)
-        self.steps = 0
-        self._spent = 0.0  # seconds of earlier sessions (resume)
-        self._started = time.monotonic()
-        self._validations = 0
-        self.snapshots: list[dict[str, torch.Tensor]] = []  # weights at the end of each cosine cycle (snapshots)
-
-    def elapsed(self) -> float:
-        return self._spent + time.monotonic() - self._started
-
-    def fraction(self) -> float:
-        if self.config.time_budget:
-            return self.elapsed() / self.config.time_budget
-        return self.steps / self.total_steps
-
-    def over_budget(self) -> bool:
-        return bool(self.config.time_budget) and self.elapsed() > self.config.time_budget
-
-    def validation_due(self) -> bool:
-        if not self.config.time_budget:
-            return True
-        every = 1.0 / validations_under_budget(self.config)
-        return self.fraction() >= (self._validations + 1) * every
-
-    def validated(self) -> None:
-        self._validations += 1
-
-    def state(self) -> dict[str, float]:
-        return {"steps": self.steps, "elapsed": self.elapsed(), "validations": self._validations}
-
-    def restore(self, state: dict[str, float]) -> None:
-        self.steps = int(state.get("steps", 0))
-        self._spent = float(state.get("elapsed", 0.0))
-        self._validations = int(state.get("validations", 0))
-        self._started = time.monotonic()
-
-
-def _train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, config, epoch, rank, run: _Progress,
+def _train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, config, epoch, rank, run: RunProgress,
                      precision: str, average: WeightAverage | None, teacher: torch.nn.Module | None = None):
     model.train()
     base = model.module if hasattr(model, "module") else model
@@ -348,62 +281,6 @@ def _train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, confi
     return total_loss / max(total_tiles, 1), total_tiles / max(elapsed, 1e-9), stopped
 
 
-@torch.no_grad()
-def _validate(model, val_set, loss_fn, evaluator: Evaluator, device, config: TrainConfig, precision: str):
-    model.eval()
-    loader = DataLoader(val_set, batch_size=config.batch_size, shuffle=False, num_workers=config.workers)
-    total_loss, total = 0.0, 0
-    overlays: list[Overlay] = []
-    spec = evaluator.spec.dataset
-    for batch in tqdm(loader, desc="validate", unit="batch", mininterval=2.0, leave=False, dynamic_ncols=True):
-        images = batch["image"].to(device)
-        if config.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
-        targets = {k: v.to(device) for k, v in batch["targets"].items()}
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
-            logits = model(images)
-        logits = logits.float()
-        loss, _ = loss_fn(logits, targets)
-        total_loss += float(loss) * images.shape[0]
-        total += images.shape[0]
-        maps = evaluator.update(logits, targets)
-        main = evaluator.main_group
-        for i in range(images.shape[0]):
-            if len(overlays) >= config.overlays:
-                break
-            overlays.append(Overlay(_display_image(images[i].cpu(), spec), targets[main][i].cpu().numpy(),
-                                    maps[main][i].cpu().numpy()))
-    return total_loss / max(total, 1), overlays
-
-
-def _display_image(image: torch.Tensor, spec: DatasetSpec) -> np.ndarray:
-    """Normalised CHW tensor -> HxWx3 uint8 for overlays (first three bands, stretched per band)."""
-    bands = image[: min(3, spec.num_bands)].numpy()
-    lo = np.percentile(bands, 2, axis=(1, 2), keepdims=True)
-    hi = np.percentile(bands, 98, axis=(1, 2), keepdims=True)
-    scaled = np.clip((bands - lo) / np.maximum(hi - lo, 1e-6), 0, 1)
-    if scaled.shape[0] < 3:
-        scaled = np.repeat(scaled[:1], 3, axis=0)
-    return (scaled.transpose(1, 2, 0) * 255).astype(np.uint8)
-
-
-def _train_sampler(train_set, config: TrainConfig, epoch: int, distributed: bool):
-    if distributed:
-        sampler = DistributedSampler(train_set, shuffle=True, seed=config.seed)
-        sampler.set_epoch(epoch)
-        return sampler
-    generator = torch.Generator().manual_seed(config.seed * 1000 + epoch)
-    order = torch.randperm(len(train_set), generator=generator).tolist()
-    if config.max_train_tiles:
-        order = order[: config.max_train_tiles]
-    return order
-
-
-def _spread(n: int, k: int) -> list[int]:
-    """k indexes spread evenly over range(n), so a capped validation still sees every scene."""
-    return sorted({int(i) for i in np.linspace(0, n - 1, k)})
-
-
 def _exclusions(config: TrainConfig, data: PreparedData, train_tiles: pd.DataFrame) -> pd.DataFrame:
     """The training tiles `config.exclude` lists (an audit's exclude.csv); validation tiles listed stay."""
     if not config.exclude:
@@ -416,44 +293,3 @@ def _exclusions(config: TrainConfig, data: PreparedData, train_tiles: pd.DataFra
     log.info("leaving out %d of %d training tiles listed in %s (%d listed tiles are not training tiles)",
              len(excluded), len(train_tiles), config.exclude, len(listed) - len(excluded))
     return excluded
-
-
-def _steps_per_epoch(samples: int, config: TrainConfig, distributed: bool) -> int:
-    per_process = math.ceil(samples / dist.get_world_size()) if distributed else samples
-    if config.max_train_tiles:
-        per_process = min(per_process, config.max_train_tiles)
-    return max(1, per_process // config.batch_size if per_process > config.batch_size else 1)
-
-
-def _device(name: str, distributed: bool) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise ConfigError("device cuda: no CUDA device is available; use --device cpu")
-        index = int(os.environ.get("LOCAL_RANK", 0)) if distributed else 0
-        torch.cuda.set_device(index)
-        return torch.device("cuda", index)
-    return torch.device(name)
-
-
-def _init_distributed() -> bool:
-    """True under torchrun with several processes (WORLD_SIZE > 1)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
-        return False
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    return True
-
-
-def is_main_process() -> bool:
-    """Rank 0 under torchrun (before or after the process group starts), or a plain process."""
-    if dist.is_initialized():
-        return dist.get_rank() == 0
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def _seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)

@@ -102,6 +102,6 @@ def test_quality_row_trains_both_recipes_and_scores_them_alike(seaice_prepared, 
 
 
 def _spec(data, config, tmp_path):
-    from rsseg.training import build_model
+    from rsseg.model_setup import build_model
 
     return build_model(config, data.spec, 64)[1]

@@ -13,11 +13,11 @@ import torch
 
 from rsseg.config import TrainConfig
 from rsseg.data.transforms import normalize
+from rsseg.model_setup import build_model
 from rsseg.runtimes import load_runner
 from rsseg.serving.repository import ServingOptions, stage_promotion
 from rsseg.serving.server import TritonServer
 from rsseg.spec import DatasetSpec, ModelSpec, default_colors
-from rsseg.training import build_model
 
 BENCH_MODEL = "bench"  # the served ensemble's name in the benchmarks' repositories
 
