@@ -20,6 +20,11 @@ _CHECKPOINT_KEYS = ("model", "optimizer", "scheduler", "epoch", "best_value", "b
                     "history", "rng")
 
 
+def state_on_cpu(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """A copy of `module`'s weights on the CPU that later training steps do not change."""
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
 def rng_state() -> dict[str, Any]:
     name, key, pos, has_gauss, gauss = np.random.get_state(legacy=True)
     return {"python": random.getstate(), "numpy": (name, key.tolist(), pos, has_gauss, gauss),

@@ -93,9 +93,10 @@ class TrainConfig:
     edge_smoothing: float = _opt(0.2, "label smoothing of edge_ce on pixels within 2 px of another class")
     label_smoothing: float = _opt(0.0, "cross-entropy label smoothing")
     class_weights: str = _opt("", "comma-separated cross-entropy class weights; empty: none")
-    augment: str = _opt("auto", "comma-separated augmentations (hflip, vflip, rot90, transpose, scale: zoom 0.75-1.33x, "
-                       "rotate: any angle up to 45 degrees, jitter: brightness/contrast/band gains, swap_dates: binary change pairs also seen as "
-                       "B -> A; none), or auto: the task's default (hflip,rot90; change pairs also scale,jitter)")
+    augment: str = _opt("auto", "comma-separated augmentations (hflip, vflip, rot90, transpose, scale: zoom "
+                       "0.75-1.33x, rotate: any angle up to 45 degrees, jitter: brightness/contrast/band gains, "
+                       "swap_dates: binary change pairs also seen as B -> A; none), or auto: the task's default "
+                       "(hflip,rot90; change pairs also scale,jitter)")
     sampling: str = _opt("random", "training windows: random positions anywhere in the training scenes, new each "
                          "epoch, or the prepared tile grid", ("random", "grid"))
     crop_size: int = _opt(0, "size of the random training windows (0: the prepared tile size)")

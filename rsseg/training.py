@@ -31,6 +31,7 @@ from rsseg.checkpoints import (
     rng_state,
     save_checkpoint,
     set_rng_state,
+    state_on_cpu,
 )
 from rsseg.config import TrainConfig, split_list, with_task_defaults
 from rsseg.data.datasets import MixedDataset, PreparedData, RandomWindowDataset, TileDataset, mixed_training_set
@@ -197,7 +198,7 @@ def train(config: TrainConfig, data: PreparedData, on_epoch_end: EpochCallback |
                      epoch, train_loss, val_loss, headline, value, tiles_per_s, run.elapsed())
             if best_state is None or (not math.isnan(value) and value > best_value):
                 best_value, best_epoch = value, epoch
-                best_state = {k: v.detach().cpu().clone() for k, v in evaluated.state_dict().items()}
+                best_state = state_on_cpu(evaluated)
                 best = {"metrics": metrics, "confusion": evaluator.confusion.matrix.copy(), "overlays": overlays}
         if rank == 0 and checkpoint_dir is not None:
             save_checkpoint(checkpoint_dir / "last.pt", {
@@ -247,7 +248,7 @@ def _train_one_epoch(model, loader, loss_fn, optimizer, scheduler, device, confi
         if config.scheduler == "cosine" and config.snapshots:
             cycle = cycle_index(run.fraction(), config.cycles)
             if cycle > len(run.snapshots):  # the previous cycle just ended: keep its weights
-                run.snapshots.append({k: v.detach().cpu().clone() for k, v in base.state_dict().items()})
+                run.snapshots.append(state_on_cpu(base))
             set_lr(optimizer, config.lr * snapshot_factor(run.fraction(), config.warmup, config.cycles))
         elif config.scheduler == "cosine":
             set_lr(optimizer, config.lr * cosine_factor(run.fraction(), config.warmup))

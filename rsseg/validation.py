@@ -12,6 +12,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from rsseg.checkpoints import state_on_cpu
 from rsseg.config import TrainConfig
 from rsseg.evaluation import Evaluator
 from rsseg.plots import Overlay
@@ -66,7 +67,7 @@ def validated_snapshots(model, run: RunProgress, val_set, loss_fn, spec: ModelSp
     copy of the model validated on its own."""
     if not config.snapshots:
         return []
-    states = [*run.snapshots, {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}]
+    states = [*run.snapshots, state_on_cpu(model)]
     out = []
     for cycle, state in enumerate(states[:config.cycles]):
         snapshot = copy.deepcopy(model)
