@@ -10,6 +10,7 @@ import json
 from typing import Any
 
 from pipelines._cli import run
+from rsseg.averaging import TTA_VIEWS
 from rsseg.bench.datasets import RECIPES
 from rsseg.bench.quality import format_table, quality_benchmark
 from rsseg.config import parse_options
@@ -32,6 +33,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget", type=float, action="append",
                         help="training seconds per recipe and dataset; repeat for several (default 600)")
     parser.add_argument("--no-peer", action="store_true", help="train and score our recipe only")
+    parser.add_argument("--tta", default="none", choices=list(TTA_VIEWS),
+                        help="also score our trained model through the served tiling with this test-time "
+                        "augmentation (JSON key ours_served_tta)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a train parameter of our recipe (e.g. --set ema_decay=0), for ablations; "
                         "list values keep their commas (--set augment=hflip,rot90,swap_dates; "
@@ -41,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for budget in args.budget or [600.0]:
         for name in RECIPES if args.dataset == "all" else [args.dataset]:
-            row = quality_benchmark(name, budget, peer=not args.no_peer, **overrides)
+            row = quality_benchmark(name, budget, peer=not args.no_peer, tta=args.tta, **overrides)
             print(json.dumps(row), flush=True)
             rows.append(row)
     print(format_table(rows), flush=True)

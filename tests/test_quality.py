@@ -91,8 +91,8 @@ def test_quality_row_trains_both_recipes_and_scores_them_alike(seaice_prepared, 
     """Ours (tiny encoder) and the smp peer script, 4 s each: every figure of the table is there."""
     data = PreparedData.load(seaice_prepared)
     config = tiny_config(seaice_prepared, tmp_path, epochs=10_000, time_budget=4.0, register=False)
-    row = quality_row("generated", data, config)
-    for key in ("ours_served", "ours_whole_image", "peer", "baseline", "ours_minus_peer"):
+    row = quality_row("generated", data, config, tta="flips")
+    for key in ("ours_served", "ours_whole_image", "ours_served_tta", "peer", "baseline", "ours_minus_peer"):
         assert 0.0 <= abs(row[key]) <= 1.0, (key, row[key])
     assert row["peer_train_s"] >= 4.0 and row["peer_steps"] >= 1
     assert row["baseline"] == pytest.approx(trivial_baseline(data, _spec(data, config, tmp_path), labelled_scenes(data)), abs=1e-4)

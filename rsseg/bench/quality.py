@@ -39,19 +39,22 @@ from rsseg.training import train
 log = logging.getLogger(__name__)
 
 
-def quality_benchmark(name: str, budget: float, *, peer: bool = True, **overrides: Any) -> dict[str, Any]:
+def quality_benchmark(name: str, budget: float, *, peer: bool = True, tta: str = "none",
+                      **overrides: Any) -> dict[str, Any]:
     """One row for a benchmark dataset of ../shared/data (rsseg.bench.datasets.RECIPES)."""
     logging.getLogger("rsseg.client").setLevel(logging.WARNING)  # one line per scene is noise here
     data = prepare_benchmark(name)
     config = benchmark_config(name, data.root, budget, **overrides)
-    return quality_row(name, data, config, peer=peer, overrides=overrides)
+    return quality_row(name, data, config, peer=peer, tta=tta, overrides=overrides)
 
 
-def quality_row(name: str, data: PreparedData, config: TrainConfig, *, peer: bool = True,
+def quality_row(name: str, data: PreparedData, config: TrainConfig, *, peer: bool = True, tta: str = "none",
                 overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Train `config` (with its time budget) and, with `peer`, the peer script for the same budget, on the
     training scenes of `data`; score both on its validation scenes. The headline metric of ours (served
-    path and whole image), of the peer, and the trivial baseline."""
+    path and whole image), of the peer, and the trivial baseline. With `tta` other than none, the same
+    trained model is also scored through the served tiling with that test-time augmentation
+    (`ours_served_tta`), as `promote -P tta=...` would serve it."""
     budget = config.time_budget
     scenes = labelled_scenes(data, "val")
     started = time.monotonic()
@@ -67,6 +70,9 @@ def quality_row(name: str, data: PreparedData, config: TrainConfig, *, peer: boo
         tiled = _keeping(served_predictor(model, data), group, served_maps)
         served, per_scene = score_scenes(data, spec, scenes, tiled)
         whole, _ = score_scenes(data, spec, scenes, _keeping(whole_image_predictor(model, data), group, whole_maps))
+        if tta != "none":
+            augmented = OnnxModel(Path(tmp) / "model.onnx", spec, tta=tta)
+            served_tta, _ = score_scenes(data, spec, scenes, served_predictor(augmented, data))
     row: dict[str, Any] = {
         "dataset": name, "budget_s": budget, "metric": metric, "train_scenes": len(labelled_scenes(data, "train")),
         "val_scenes": len(scenes), "ours_served": served[metric], "ours_whole_image": whole[metric],
@@ -82,6 +88,8 @@ def quality_row(name: str, data: PreparedData, config: TrainConfig, *, peer: boo
         "baseline": trivial_baseline(data, spec, scenes),
         "config": dict(overrides or {}),
     }
+    if tta != "none":
+        row.update(tta=tta, ours_served_tta=served_tta[metric])
     if peer:
         started = time.monotonic()
         peer_model = train_peer(data, budget, seed=config.seed)
