@@ -9,6 +9,7 @@ import json
 
 from pipelines._cli import run
 from rsseg.bench.scene import scene_benchmark
+from rsseg.spec import DEFAULT_ENCODER
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-in-flight", type=int, default=2)
     parser.add_argument("--reference-tiles", type=int, default=16,
                         help="tiles timed for the ONNX Runtime and PyTorch references")
-    parser.add_argument("--encoder", default="tf_efficientnet_lite3")
+    parser.add_argument("--encoder", default=DEFAULT_ENCODER)
     parser.add_argument("--shared-memory", choices=("none", "system"), default="none",
                         help="how the client hands tiles to the server on this host")
     parser.add_argument("--precision", choices=("fp32", "int8", "fp16"), default="fp32",
