@@ -63,7 +63,8 @@ def quality_row(name: str, data: PreparedData, config: TrainConfig, *, peer: boo
     spec = result.spec
     metric = spec.dataset.headline_metric
     with tempfile.TemporaryDirectory(prefix="rsseg-quality-") as tmp:
-        model = OnnxModel(export_onnx(result.model, spec, Path(tmp) / "model.onnx"), spec)
+        onnx_path = export_onnx(result.model, spec, Path(tmp) / "model.onnx")
+        model = OnnxModel(onnx_path, spec)
         served_maps: list[np.ndarray] = []
         whole_maps: list[np.ndarray] = []
         group = spec.outputs[0].name
@@ -71,7 +72,7 @@ def quality_row(name: str, data: PreparedData, config: TrainConfig, *, peer: boo
         served, per_scene = score_scenes(data, spec, scenes, tiled)
         whole, _ = score_scenes(data, spec, scenes, _keeping(whole_image_predictor(model, data), group, whole_maps))
         if tta != "none":
-            augmented = OnnxModel(Path(tmp) / "model.onnx", spec, tta=tta)
+            augmented = OnnxModel(onnx_path, spec, tta=tta)
             served_tta, _ = score_scenes(data, spec, scenes, served_predictor(augmented, data))
     row: dict[str, Any] = {
         "dataset": name, "budget_s": budget, "metric": metric, "train_scenes": len(labelled_scenes(data, "train")),
