@@ -60,3 +60,19 @@ def tiny_config(data: Path, tmp_path: Path, **overrides) -> TrainConfig:
                   checkpoint_dir=str(tmp_path / "ckpt"), overlays=2)
     values.update(overrides)
     return TrainConfig(**values)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo):
+    """A failed test that used a tritonserver gets the server's state and log tail in its report: a
+    server that died under a test (a crash, the OOM killer) is otherwise seen only as refused requests."""
+    from rsseg.serving.server import TritonServer
+
+    report = yield
+    if report.failed:
+        values = getattr(item, "funcargs", {}).values()
+        for server in {id(s): s for v in values for s in (v if isinstance(v, tuple) else (v,))
+                       if isinstance(s, TritonServer)}.values():
+            state = "running" if server.exit_code is None else f"exited with code {server.exit_code}"
+            report.sections.append((f"tritonserver {server.grpc_url} ({state}), log tail", server.log_tail(60)))
+    return report

@@ -243,6 +243,12 @@ class TritonServer:
         return self._process.pid if self._process else None
 
     @property
+    def exit_code(self) -> int | None:
+        """None while the server runs (or before it starts); its exit code once it has exited (128 + N
+        for signal N: 135 a bus error, 137 SIGKILL such as the OOM killer's, 139 a segfault)."""
+        return self._process.poll() if self._process else None
+
+    @property
     def http_url(self) -> str:
         return f"{LOOPBACK}:{self.http_port}"
 
